@@ -1,0 +1,1 @@
+"""Torch modules of EDJE: vision backbone wrapper, token-compression adapter, checkpoint I/O."""

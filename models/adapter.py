@@ -1,0 +1,53 @@
+"""Token-compression adapter (EDJE, arXiv 2510.06820, Sec. 3).
+
+``num_tokens`` learnable queries cross-attend over the backbone's n patch tokens (keys and values
+get their own linear projections first), a pre-LayerNorm residual MLP refines them, and a linear
+layer maps them to the joint encoder's hidden width: (B, n, d_vision) -> (B, m, h).
+"""
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    num_tokens: int = 64
+    input_dim: int = 768
+    output_dim: int = 384
+    num_heads: int = 8
+    mlp_dim: int = 3072
+    layer_norm_eps: float = 1e-6
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown adapter config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+class TokenCompressionAdapter(nn.Module):
+    def __init__(self, cfg: AdapterConfig):
+        super().__init__()
+        if cfg.input_dim % cfg.num_heads:
+            raise ValueError(f"input_dim {cfg.input_dim} is not divisible by num_heads {cfg.num_heads}")
+        self.cfg = cfg
+        d = cfg.input_dim
+        # Small init: at start the queries attend almost uniformly, i.e. begin as mean pooling.
+        self.queries = nn.Parameter(torch.randn(1, cfg.num_tokens, d) * 0.02)
+        self.key = nn.Linear(d, d)
+        self.value = nn.Linear(d, d)
+        self.attention = nn.MultiheadAttention(d, cfg.num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_dim), nn.GELU(), nn.Linear(cfg.mlp_dim, d))
+        self.projection = nn.Linear(d, cfg.output_dim)
+
+    def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        queries = self.queries.expand(patch_tokens.shape[0], -1, -1)
+        x, _ = self.attention(queries, self.key(patch_tokens), self.value(patch_tokens), need_weights=False)
+        x = x + self.mlp(self.norm(x))
+        return self.projection(x)

@@ -1,0 +1,197 @@
+"""Checkpoint directories: ``config.json`` + ``model.safetensors``, never a pickle.
+
+The fingerprint (sha256 over the canonical config and the weight bytes) names the exact model
+and is recorded in every store built with it.
+"""
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.adapter import AdapterConfig, TokenCompressionAdapter
+from models.backbone import Backbone, BackboneConfig, load_state_file
+
+FORMAT = "edje-checkpoint"
+VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+MAX_CONFIG_BYTES = 1 << 20
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "default"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def canonical_json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+@dataclass
+class CheckpointConfig:
+    backbone: BackboneConfig
+    adapter: AdapterConfig
+    joint_encoder: Optional[dict] = None
+    description: str = ""
+
+    def to_dict(self):
+        return {"format": FORMAT, "version": VERSION, "description": self.description,
+                "backbone": self.backbone.to_dict(), "adapter": self.adapter.to_dict(),
+                "joint_encoder": self.joint_encoder}
+
+    @classmethod
+    def from_dict(cls, d):
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise CheckpointError(f"config.json: format must be {FORMAT!r}")
+        if d.get("version") != VERSION:
+            raise CheckpointError(f"config.json: unsupported checkpoint version {d.get('version')!r}")
+        try:
+            return cls(backbone=BackboneConfig.from_dict(d["backbone"]),
+                       adapter=AdapterConfig.from_dict(d["adapter"]),
+                       joint_encoder=d.get("joint_encoder"), description=d.get("description", ""))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"config.json: {e}") from e
+
+
+def localize(path):
+    """A checkpoint on a remote filesystem (gs://, s3://, ...) is copied once to a local cache."""
+    if path is None or "://" not in str(path):
+        return path
+    from apache_beam.io.filesystems import FileSystems
+    url = str(path)
+    cache = Path(tempfile.gettempdir()) / "edje-checkpoints" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    if not (cache / WEIGHTS_FILE).is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            tmp = cache / f".{name}.{os.getpid()}"
+            with FileSystems.open(FileSystems.join(url, name)) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+            os.replace(tmp, cache / name)
+    return cache
+
+
+def resolve_dir(path) -> Path:
+    """The checkpoint directory (local, or copied from a remote URL); ``None`` means the embedded default."""
+    path = Path(localize(path)) if path else DEFAULT_CHECKPOINT
+    if path.suffix in (".pt", ".pth", ".bin", ".ckpt", ".pkl"):
+        raise CheckpointError(f"{path}: pickled checkpoints are refused; a checkpoint is a directory "
+                              f"with {CONFIG_FILE} and {WEIGHTS_FILE}")
+    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{path}: not a checkpoint directory (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    return path
+
+
+def read_config(path) -> CheckpointConfig:
+    path = resolve_dir(path)
+    raw = (path / CONFIG_FILE).read_bytes()
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path / CONFIG_FILE}: too large")
+    try:
+        return CheckpointConfig.from_dict(json.loads(raw))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: invalid JSON ({e})") from e
+
+
+def fingerprint(path) -> str:
+    path = resolve_dir(path)
+    cfg = read_config(path)
+    h = hashlib.sha256()
+    h.update(b"edje-config\0" + canonical_json(cfg.to_dict()))
+    h.update(b"\0weights\0" + _sha256_file(path / WEIGHTS_FILE).encode())
+    if cfg.backbone.weights_file:
+        h.update(b"\0backbone\0" + _sha256_file(Path(cfg.backbone.weights_file)).encode())
+    return h.hexdigest()
+
+
+def embedding_dim(cfg: BackboneConfig) -> int:
+    """The pooled embedding width, from the config alone (no model is built)."""
+    if cfg.model_config is not None:
+        return int(cfg.model_config["embed_dim"])
+    import open_clip
+    model_cfg = open_clip.get_model_config(cfg.model_name)
+    if model_cfg is None:
+        raise CheckpointError(f"unknown open_clip model {cfg.model_name!r}")
+    return int(model_cfg["embed_dim"])
+
+
+class VisionEncoder(nn.Module):
+    """Backbone + adapter: images -> (adapter tokens (B, m, h), L2-normalised embedding (B, d))."""
+
+    def __init__(self, backbone: Backbone, adapter: TokenCompressionAdapter):
+        super().__init__()
+        self.backbone = backbone
+        self.adapter = adapter
+
+    def forward(self, images):
+        embedding, patch_tokens = self.backbone(images)
+        return self.adapter(patch_tokens), embedding
+
+
+def _split(state, prefix):
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_vision_encoder(path=None, device="cpu"):
+    """Loads backbone + adapter from a checkpoint directory. Returns (encoder, config, fingerprint)."""
+    path = resolve_dir(path)
+    cfg = read_config(path)
+    state = load_file(str(path / WEIGHTS_FILE))
+    backbone = Backbone(cfg.backbone)
+    backbone_state = _split(state, "backbone.clip.")
+    if not backbone_state and cfg.backbone.weights_file:
+        backbone_state = load_state_file(cfg.backbone.weights_file)
+    if backbone_state:
+        _load_strict(backbone.clip, backbone_state, "backbone")
+    elif not cfg.backbone.pretrained:
+        raise CheckpointError(f"{path}: no backbone weights (neither backbone.* tensors, a weights_file "
+                              f"nor a pretrained tag)")
+    adapter = TokenCompressionAdapter(cfg.adapter)
+    _load_strict(adapter, _split(state, "adapter."), "adapter")
+    if adapter.cfg.input_dim != backbone.width:
+        raise CheckpointError(f"adapter input_dim {adapter.cfg.input_dim} != backbone width {backbone.width}")
+    encoder = VisionEncoder(backbone, adapter).to(device).eval().float()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return encoder, cfg, fingerprint(path)
+
+
+def _load_strict(module, state, what):
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{what} weights do not match the config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def save_checkpoint(path, cfg: CheckpointConfig, modules: dict, dtype=None) -> str:
+    """Writes ``config.json`` + ``model.safetensors``; ``modules`` maps a key prefix to a module."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for prefix, module in modules.items():
+        for k, v in module.state_dict().items():
+            v = v.detach().cpu().contiguous()
+            state[f"{prefix}.{k}"] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+    tmp = path / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp), metadata={"format": FORMAT})
+    os.replace(tmp, path / WEIGHTS_FILE)
+    (path / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
+    return fingerprint(path)

@@ -1,0 +1,43 @@
+"""Regenerates the embedded default checkpoint: a tiny, seeded, *randomly initialised* model.
+
+Its scores mean nothing; it exists so every job runs offline with no flags. Run:
+``python -m models.make_default --output models/default``.
+"""
+import argparse
+
+import torch
+
+from models.adapter import AdapterConfig, TokenCompressionAdapter
+from models.backbone import Backbone, BackboneConfig
+from models.checkpoint import CheckpointConfig, save_checkpoint
+
+TINY_CLIP = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+TINY_ADAPTER = AdapterConfig(num_tokens=16, input_dim=128, output_dim=384, num_heads=4, mlp_dim=512)
+
+
+def build(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = CheckpointConfig(
+        backbone=BackboneConfig(model_config=TINY_CLIP),
+        adapter=TINY_ADAPTER,
+        description=f"random-init demo model (seed {seed}); its scores mean nothing",
+    )
+    return cfg, Backbone(cfg.backbone), TokenCompressionAdapter(cfg.adapter)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--output", default="models/default")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    cfg, backbone, adapter = build(args.seed)
+    fp = save_checkpoint(args.output, cfg, {"backbone": backbone, "adapter": adapter}, dtype=torch.float16)
+    print(f"wrote {args.output} fingerprint {fp}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Runnable jobs: ``python -m pipeline.<job> --help``."""

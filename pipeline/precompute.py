@@ -1,0 +1,210 @@
+"""Precompute: WebDataset shards -> backbone + adapter -> int8 token store (Beam).
+
+    python -m pipeline.precompute --runner=DirectRunner \\
+        --input 'shards/{00000..00009}.tar' --output STORE [--checkpoint DIR] \\
+        [--batch_size N] [--device cpu|cuda]
+
+One token shard per input shard, an id index, then ``manifest.json`` written last. Rerunning
+into the same store skips shards already committed with the same checkpoint.
+"""
+import argparse
+import logging
+import sys
+import threading
+import time
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from models.checkpoint import embedding_dim, fingerprint, read_config
+from schemas import columns as C
+from schemas import index as idx
+from schemas import manifest as mf
+from schemas import shard_stats, storage
+from schemas.token_store import QUANT_SCHEME
+from transforms.encode_shard import EncodeConfig, EncodeShardFn
+from transforms.scan_keys import FindCrossShardDuplicates
+from transforms.shard_files import plan_shards
+from transforms.tar_samples import DEFAULT_MAX_MEMBER_BYTES
+from transforms.image_decode import DEFAULT_MAX_PIXELS
+from transforms.vision_handler import PRECISIONS
+from transforms.write_index import WriteIndex
+from transforms.write_manifest import WriteManifest
+
+log = logging.getLogger(__name__)
+LOCAL_RUNNERS = {None, "DirectRunner", "FnApiRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner"}
+
+
+class PrecomputeOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--input", help="input WebDataset shards: a path or URL with braces "
+                            "({00000..00099}) and/or globs; several patterns separated by commas. "
+                            "img2dataset's side files (.parquet, _stats.json) are ignored")
+        parser.add_argument("--output", help="token store directory (local path or gs://, s3://, ... URL)")
+        parser.add_argument("--checkpoint", default=None,
+                            help="checkpoint directory (config.json + model.safetensors); default: the "
+                                 "embedded demo checkpoint")
+        parser.add_argument("--batch_size", type=int, default=32,
+                            help="images per forward pass; batches are cut in shard order, so the "
+                                 "stored bytes depend on it but never on workers or bundling")
+        parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+        parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
+                            help="autocast precision of the forward pass")
+        parser.add_argument("--torch_threads", type=int, default=1,
+                            help="torch intra-op threads per worker; fixed so that results do not "
+                                 "depend on the machine (parallelism comes from Beam workers)")
+        parser.add_argument("--max_member_bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
+                            help="tar members larger than this are not read (recorded as failures)")
+        parser.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                            help="images with more pixels are refused from their header, before decoding")
+        parser.add_argument("--index_buckets", type=int, default=0,
+                            help="number of id index files; 0 picks one per ~64 shards (power of two)")
+        parser.add_argument("--progress", default="auto", choices=["auto", "on", "off"],
+                            help="tqdm progress bar (auto: on for local runners)")
+
+
+def _usage_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.precompute", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Standard Beam flags (--runner, --direct_num_workers, --direct_running_mode, "
+               "Dataflow and Flink options) pass through.")
+    PrecomputeOptions._add_argparse_args(parser)
+    return parser
+
+
+def check_store_compatible(store: str, fp: str) -> None:
+    """Refuses to mix models in one store: a different checkpoint needs a new --output."""
+    if storage.exists(mf.manifest_path(store)):
+        try:
+            existing = mf.read(store)["model"]["fingerprint"]
+        except mf.ManifestError as e:
+            raise SystemExit(f"error: {store} has an invalid manifest ({e}); use a new --output") from None
+        if existing != fp:
+            raise SystemExit(f"error: {store} was built with checkpoint {existing[:12]}, this run uses "
+                             f"{fp[:12]}; write to a new --output (a store holds one model's tokens)")
+    for path in storage.list_dir(storage.join(store, C.STATS_DIR)):
+        if not path.endswith(".json"):
+            continue
+        rec = shard_stats.read(store, storage.basename(path)[:-5])
+        if rec and rec.get("fingerprint") not in (None, fp):
+            raise SystemExit(f"error: {store} holds shards of checkpoint {rec['fingerprint'][:12]} "
+                             f"({path}), this run uses {fp[:12]}; write to a new --output")
+
+
+class _Progress:
+    """Polls the store's stats records: shards done / total, images/s, ETA (local runs)."""
+
+    def __init__(self, store, names):
+        from tqdm import tqdm
+        self.store, self.names = store, set(names)
+        self.done = {n for n in self.names if storage.exists(shard_stats.path(store, n))}
+        self.bar = tqdm(total=len(self.names), initial=len(self.done), unit="shard", desc="precompute",
+                        dynamic_ncols=True)
+        self.images, self.t0 = 0, time.time()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _poll(self):
+        for name in self.names - self.done:
+            rec = shard_stats.read(self.store, name)
+            if rec is not None:
+                self.done.add(name)
+                self.images += rec.get("rows", 0)
+                self.bar.update(1)
+        rate = self.images / max(time.time() - self.t0, 1e-6)
+        self.bar.set_postfix(images=self.images, img_s=f"{rate:.1f}")
+
+    def _loop(self):
+        while not self.stop.wait(0.5):
+            self._poll()
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        self._poll()
+        self.bar.close()
+
+
+def run(argv=None, test_pipeline=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        _usage_parser().print_help()
+        return None
+    options = PipelineOptions(argv)
+    opts = options.view_as(PrecomputeOptions)
+    if not opts.input or not opts.output:
+        _usage_parser().error("--input and --output are required")
+    if opts.batch_size < 1 or opts.torch_threads < 1 or opts.index_buckets < 0:
+        _usage_parser().error("--batch_size and --torch_threads must be >= 1, --index_buckets >= 0")
+    started = time.time()
+    store = opts.output.rstrip("/")
+
+    cfg = read_config(opts.checkpoint)
+    fp = fingerprint(opts.checkpoint)
+    plan = plan_shards(opts.input)
+    if not plan.shards:
+        raise SystemExit(f"error: no input shards match {opts.input!r}"
+                         + (f" ({len(plan.missing)} listed paths do not exist)" if plan.missing else ""))
+    check_store_compatible(store, fp)
+    buckets = opts.index_buckets or idx.default_buckets(len(plan.shards))
+    model = {"fingerprint": fp, "backbone": cfg.backbone.describe(), "num_tokens": cfg.adapter.num_tokens,
+             "token_dim": cfg.adapter.output_dim, "embedding_dim": embedding_dim(cfg.backbone),
+             "checkpoint": cfg.description}
+    encode_cfg = EncodeConfig(
+        store=store, checkpoint=str(opts.checkpoint) if opts.checkpoint else None, fingerprint=fp,
+        num_tokens=model["num_tokens"], token_dim=model["token_dim"], embedding_dim=model["embedding_dim"],
+        batch_size=opts.batch_size, device=opts.device, precision=opts.precision,
+        torch_threads=opts.torch_threads, max_member_bytes=opts.max_member_bytes,
+        max_pixels=opts.max_image_pixels)
+    producer = {"quantization": QUANT_SCHEME, "batch_size": opts.batch_size, "precision": opts.precision,
+                "torch_threads": opts.torch_threads, "device": opts.device}
+
+    pattern = opts.input
+    pipeline = test_pipeline or beam.Pipeline(options=options)
+    specs = (pipeline
+             | "ListShards" >> beam.Create([None])
+             | "PlanShards" >> beam.FlatMap(lambda _: plan_shards(pattern).shards)
+             | "SpreadShards" >> beam.Reshuffle())
+    drops = specs | "FindDuplicates" >> FindCrossShardDuplicates(opts.max_member_bytes)
+    records = specs | "EncodeShards" >> beam.ParDo(EncodeShardFn(encode_cfg), beam.pvalue.AsMultiMap(drops))
+    index_files = records | "WriteIndex" >> WriteIndex(store, buckets)
+    _ = pipeline | "WriteManifest" >> WriteManifest(
+        records, index_files, store=store, buckets=buckets, model=model,
+        inputs=opts.input, missing=plan.missing, producer=producer)
+
+    runner = options.view_as(StandardOptions).runner
+    show = opts.progress == "on" or (opts.progress == "auto" and runner in LOCAL_RUNNERS)
+    progress = _Progress(store, [s.name for s in plan.shards]) if show else None
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    finally:
+        if progress:
+            progress.close()
+    manifest = mf.read(store)
+    return summarize(manifest, store, time.time() - started, plan)
+
+
+def summarize(manifest, store, seconds, plan):
+    t = manifest["totals"]
+    token_bytes = sum(s["bytes"] for s in manifest["shards"])
+    return {"store": store, "shards": t["shards"], "failed_shards": t["failed_shards"],
+            "images": t["rows"], "failures": t["failed"], "duplicates": t["duplicates"],
+            "missing_inputs": len(plan.missing), "ignored_side_files": len(plan.ignored),
+            "shard_bytes": token_bytes, "bytes_per_image": round(token_bytes / t["rows"], 1) if t["rows"] else None,
+            "wall_seconds": round(seconds, 2)}
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    summary = run(argv)
+    if summary is not None:
+        import json
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

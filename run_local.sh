@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Sets up .venv (offline-capable: every package comes from the configured registries) and then
+#   ./run_local.sh          runs precompute on the embedded default (demo shards built from the
+#                           photos scikit-image ships) and prints a summary
+#   ./run_local.sh test     runs the test suite (extra args go to pytest)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3}
+VENV=.venv
+STAMP="$VENV/.edje-install-stamp"
+want=$(cat setup.py constraints.txt | sha256sum | cut -d' ' -f1)
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[run_local] creating $VENV" >&2
+  "$PY" -m venv "$VENV"
+fi
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+  echo "[run_local] installing the project and its pinned dependencies (first time: a few minutes)" >&2
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+  echo "$want" > "$STAMP"
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::DeprecationWarning}
+
+mode=${1:-demo}
+case "$mode" in
+  test)
+    shift
+    exec "$VENV/bin/python" -m pytest -q "$@"
+    ;;
+  demo)
+    DEMO=${EDJE_DEMO_DIR:-.demo}
+    if [ ! -f "$DEMO/shards/00002.tar" ]; then
+      "$VENV/bin/python" -m pipeline.make_demo_shards --output "$DEMO/shards" --shards 3 --per_shard 24
+    fi
+    "$VENV/bin/python" -m pipeline.precompute --runner=DirectRunner \
+      --input "$DEMO/shards/{00000..00002}.tar" --output "$DEMO/store"
+    "$VENV/bin/python" -m pipeline.verify --store "$DEMO/store" --no_hash > "$DEMO/verify.json" \
+      && echo "verify: ok ($DEMO/verify.json)"
+    ;;
+  *)
+    echo "usage: ./run_local.sh [test [pytest args...]]" >&2
+    exit 2
+    ;;
+esac

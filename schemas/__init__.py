@@ -1,0 +1,1 @@
+"""Data contracts: Arrow schemas, the store manifest, version constants."""

@@ -1,0 +1,33 @@
+"""EDJE: precomputed visual tokens + a compact joint encoder for image reranking."""
+from setuptools import find_packages, setup
+
+setup(
+    name="edje",
+    version="0.1.0",
+    description="Efficient Discriminative Joint Encoders: offline visual tokens, fast joint-encoder reranking",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pipeline", "transforms", "models", "schemas"]),
+    package_data={"models": ["default/*.json", "default/*.safetensors"]},
+    include_package_data=True,
+    install_requires=[
+        "apache-beam>=2.60",
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "open_clip_torch>=2.26",
+        "webdataset>=0.2.90",
+        "pyarrow>=14.0.1",
+        "zstandard>=0.22",
+        "tqdm>=4.66",
+        "safetensors>=0.4",
+        "transformers>=4.44",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "scikit-image>=0.22",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "duckdb>=1.0", "polars>=1.0"],
+        "dataflow": ["apache-beam[gcp]>=2.60"],
+    },
+)

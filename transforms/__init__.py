@@ -1,0 +1,1 @@
+"""Beam steps, one per file, reusable by any job."""

@@ -1,0 +1,239 @@
+"""Beam step: one input shard -> one committed token shard.
+
+The shard is the unit of work and of commit: its samples are decoded in tar order, run through
+backbone + adapter in fixed-size batches (so batch composition never depends on bundling or
+worker count), quantized, and streamed into ``shards/<name>.parquet`` under a temporary name that
+is renamed when complete. Failures go to ``failures/<name>.parquet``; the stats record
+(``stats/<name>.json``) is written last and marks the shard committed.
+"""
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.metrics import Metrics
+from apache_beam.utils import shared
+
+from models.quantization import quantize_int8
+from schemas import columns as C
+from schemas import shard_stats, storage
+from schemas.token_store import FAILURE_SCHEMA, QUANT_SCHEME, TOKEN_ROW_GROUP_SIZE, token_schema
+from transforms.image_decode import DecodeError, decode_image
+from transforms.tar_samples import ShardReadError, iter_samples
+from transforms.vision_handler import VisionModelHandler
+
+log = logging.getLogger(__name__)
+NAMESPACE = "edje_precompute"
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    store: str
+    checkpoint: Optional[str]
+    fingerprint: str
+    num_tokens: int
+    token_dim: int
+    embedding_dim: int
+    batch_size: int = 32
+    device: str = "cpu"
+    precision: str = "fp32"
+    torch_threads: int = 1
+    max_member_bytes: int = 64 << 20
+    max_pixels: int = 89_478_485
+
+
+def _caption(data: Optional[bytes]):
+    if data is None:
+        return None
+    text = data.decode("utf-8", errors="replace").strip()
+    return text[: C.CAPTION_MAX_CHARS]
+
+
+def _metadata(data: Optional[bytes]):
+    if data is None or len(data) > C.METADATA_MAX_BYTES:
+        return None
+    try:
+        text = data.decode("utf-8")
+        json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return text
+
+
+def drop_digest(drop_ids) -> str:
+    return hashlib.sha256("\n".join(sorted(drop_ids)).encode("utf-8")).hexdigest()
+
+
+class EncodeShardFn(beam.DoFn):
+    """ShardSpec (+ side input: ids this shard must not serve) -> stats record dict."""
+
+    def __init__(self, cfg: EncodeConfig):
+        self.cfg = cfg
+        self._shared = shared.Shared()
+        self.images_ok = Metrics.counter(NAMESPACE, "images_ok")
+        self.images_failed = Metrics.counter(NAMESPACE, "images_failed")
+        self.bytes_written = Metrics.counter(NAMESPACE, "bytes_written")
+        self.shards_written = Metrics.counter(NAMESPACE, "shards_written")
+        self.shards_skipped = Metrics.counter(NAMESPACE, "shards_skipped")
+        self.shards_failed = Metrics.counter(NAMESPACE, "shards_failed")
+
+    def setup(self):
+        c = self.cfg
+        self._handler = VisionModelHandler(c.checkpoint, c.device, c.precision, c.torch_threads, c.batch_size)
+        self._model = self._shared.acquire(self._handler.load_model,
+                                           tag=f"{c.fingerprint}/{c.device}/{c.torch_threads}")
+        self._transform = self._model.backbone.image_transform()
+        self._schema = token_schema(c.num_tokens, c.token_dim, c.embedding_dim).with_metadata({
+            "edje.fingerprint": c.fingerprint, "edje.quantization": QUANT_SCHEME,
+            "edje.num_tokens": str(c.num_tokens), "edje.token_dim": str(c.token_dim)})
+
+    def _committed(self, spec, digest):
+        rec = shard_stats.read(self.cfg.store, spec.name)
+        if not rec or rec.get("status") != shard_stats.STATUS_OK:
+            return None
+        if rec.get("fingerprint") != self.cfg.fingerprint or rec.get("drop_digest") != digest \
+                or rec.get("source") != spec.source:
+            return None
+        for key in ("shard", "failures"):
+            entry = rec.get(key)
+            if entry is None:
+                continue
+            path = storage.join(self.cfg.store, entry["path"])
+            if not storage.exists(path) or storage.size(path) != entry["bytes"]:
+                return None
+        return rec
+
+    def process(self, spec, drops):
+        drop_ids = set(drops[spec.name])
+        digest = drop_digest(drop_ids)
+        rec = self._committed(spec, digest)
+        if rec is not None:
+            self.shards_skipped.inc()
+            yield rec
+            return
+        started = time.time()
+        failures = []
+        counts = {"rows": 0, "duplicates": 0}
+
+        def fail(image_id, stage, reason):
+            failures.append({C.IMAGE_ID: image_id, C.SOURCE: spec.source, C.STAGE: stage, C.REASON: reason})
+
+        shard_error = None
+        readable = True
+        batches = self._encode(spec, drop_ids, fail, counts)
+        shard_path = f"{C.SHARDS_DIR}/{spec.name}.parquet"
+        try:
+            shard_file = storage.write_parquet_atomic(storage.join(self.cfg.store, shard_path), self._schema,
+                                               batches, TOKEN_ROW_GROUP_SIZE)
+        except _ShardUnreadable as e:
+            readable, shard_error = False, str(e)
+            fail(None, C.STAGE_READ, shard_error)
+        else:
+            shard_error = counts.get("shard_error")
+            if shard_error:
+                fail(None, C.STAGE_READ, shard_error)
+        failures_file = None
+        if failures:
+            failures_path = f"{C.FAILURES_DIR}/{spec.name}.parquet"
+            table = pa.Table.from_pylist(failures, FAILURE_SCHEMA)
+            failures_file = storage.write_parquet_atomic(storage.join(self.cfg.store, failures_path), FAILURE_SCHEMA,
+                                                  table.to_batches(), 65536)
+            failures_file.update(path=failures_path, rows=len(failures))
+        rec = {
+            "name": spec.name, "source": spec.source, "ordinal": spec.ordinal,
+            "fingerprint": self.cfg.fingerprint, "drop_digest": digest,
+            "status": shard_stats.STATUS_OK if readable else shard_stats.STATUS_FAILED,
+            "rows": counts["rows"], "failed": len(failures), "duplicates": counts["duplicates"],
+            "shard": dict(shard_file, path=shard_path) if readable else None,
+            "failures": failures_file, "reason": shard_error,
+            "batch_size": self.cfg.batch_size, "torch_threads": self.cfg.torch_threads,
+            "precision": self.cfg.precision, "seconds": round(time.time() - started, 3),
+        }
+        shard_stats.write(self.cfg.store, rec)
+        self.images_ok.inc(counts["rows"])
+        self.images_failed.inc(len(failures))
+        self.bytes_written.inc((shard_file["bytes"] if readable else 0) + (failures_file or {}).get("bytes", 0))
+        (self.shards_written if readable else self.shards_failed).inc()
+        yield rec
+
+    def _encode(self, spec, drop_ids, fail, counts):
+        """Generator of Arrow record batches for the shard; records failures through ``fail``."""
+        seen, pending, rows = set(), [], []
+
+        def flush():
+            if not pending:
+                return
+            outputs = self._handler.run_inference([p[1] for p in pending], self._model)
+            for (key, _, caption, meta), out in zip(pending, outputs):
+                try:
+                    q, scales = quantize_int8(out.tokens[None])
+                    if not np.isfinite(out.embedding).all():
+                        raise ValueError("non-finite values in embedding")
+                except ValueError as e:
+                    fail(key, C.STAGE_ENCODE, f"model output rejected: {e}")
+                    continue
+                rows.append((key, q.tobytes(), scales.astype("<f4").tobytes(),
+                             out.embedding.astype("<f2").tobytes(), caption, meta))
+            pending.clear()
+
+        def drain(final=False):
+            while len(rows) >= TOKEN_ROW_GROUP_SIZE or (final and rows):
+                chunk = rows[:TOKEN_ROW_GROUP_SIZE]
+                del rows[:TOKEN_ROW_GROUP_SIZE]
+                counts["rows"] += len(chunk)
+                yield pa.RecordBatch.from_arrays(
+                    [pa.array(col, type=f.type) for col, f in zip(zip(*chunk), self._schema)], schema=self._schema)
+
+        sample_count = 0
+        try:
+            f = storage.open_read(spec.source)
+        except Exception as e:
+            raise _ShardUnreadable(f"cannot open: {type(e).__name__}: {e}") from e
+        with f:
+            try:
+                for sample in iter_samples(f, read_data=True, max_member_bytes=self.cfg.max_member_bytes):
+                    sample_count += 1
+                    self._one_sample(sample, drop_ids, seen, pending, fail, counts)
+                    if len(pending) >= self.cfg.batch_size:
+                        flush()
+                        yield from drain()
+            except ShardReadError as e:
+                if sample_count == 0:
+                    raise _ShardUnreadable(str(e)) from e
+                counts["shard_error"] = str(e)
+        flush()
+        yield from drain(final=True)
+
+    def _one_sample(self, sample, drop_ids, seen, pending, fail, counts):
+        key = sample.key
+        if key in drop_ids or key in seen:
+            counts["duplicates"] += 1
+            fail(key, C.STAGE_DEDUP, C.REASON_DUPLICATE)
+            return
+        seen.add(key)
+        ext = sample.image_extension()
+        if ext is None:
+            oversize = [r for s, r in sample.problems if "cap" in r]
+            reason = oversize[0] if oversize else \
+                f"no image member (has: {', '.join(sorted(sample.members)) or 'nothing'})"
+            fail(key, C.STAGE_READ, reason)
+            return
+        try:
+            image = decode_image(sample.members[ext], self.cfg.max_pixels)
+            tensor = self._transform(image)
+        except DecodeError as e:
+            fail(key, C.STAGE_DECODE, str(e))
+            return
+        except Exception as e:  # a transform failing on a valid image is still this sample's failure
+            fail(key, C.STAGE_DECODE, f"preprocessing failed ({type(e).__name__}: {e})")
+            return
+        pending.append((key, tensor, _caption(sample.members.get("txt")), _metadata(sample.members.get("json"))))
+
+
+class _ShardUnreadable(Exception):
+    pass

@@ -1,0 +1,71 @@
+"""Beam ModelHandler for backbone + adapter: loads the checkpoint once per worker, runs batches."""
+import logging
+from typing import Any, Dict, Iterable, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+from apache_beam.ml.inference.base import ModelHandler
+
+from models.checkpoint import VisionEncoder, load_vision_encoder
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class EncodedImage(NamedTuple):
+    tokens: np.ndarray  # (m, h) float32, adapter output
+    embedding: np.ndarray  # (d,) float32, L2-normalised
+
+
+def resolve_device(device: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r} (cpu, cuda or cuda:N)")
+    return device
+
+
+class VisionModelHandler(ModelHandler[torch.Tensor, EncodedImage, VisionEncoder]):
+    """Images (3, H, W float tensors, already preprocessed) -> :class:`EncodedImage`.
+
+    ``torch_threads`` is fixed (not "all cores") because intra-op parallelism may change float
+    reductions, and the stored bytes must not depend on the machine.
+    """
+
+    def __init__(self, checkpoint: Optional[str], device: str = "cpu", precision: str = "fp32",
+                 torch_threads: int = 1, batch_size: int = 32):
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}")
+        self.checkpoint = checkpoint
+        self.device = device
+        self.precision = precision
+        self.torch_threads = torch_threads
+        self.batch_size = batch_size
+
+    def load_model(self) -> VisionEncoder:
+        torch.set_num_threads(self.torch_threads)
+        encoder, _, fingerprint = load_vision_encoder(self.checkpoint, resolve_device(self.device))
+        log.info("loaded vision encoder %s on %s", fingerprint[:12], self.device)
+        return encoder
+
+    def run_inference(self, batch: Sequence[torch.Tensor], model: VisionEncoder,
+                      inference_args: Optional[Dict[str, Any]] = None) -> Iterable[EncodedImage]:
+        if torch.get_num_threads() != self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        images = torch.stack(list(batch)).to(self.device, non_blocking=True)
+        dtype = PRECISIONS[self.precision]
+        with torch.inference_mode(), torch.autocast(
+                device_type="cuda" if self.device.startswith("cuda") else "cpu",
+                dtype=dtype or torch.float32, enabled=dtype is not None):
+            tokens, embedding = model(images)
+        tokens = tokens.float().cpu().numpy()
+        embedding = embedding.float().cpu().numpy()
+        return [EncodedImage(t, e) for t, e in zip(tokens, embedding)]
+
+    def batch_elements_kwargs(self):
+        return {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}
+
+    def get_metrics_namespace(self) -> str:
+        return "edje_vision"
