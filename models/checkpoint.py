@@ -175,9 +175,10 @@ def _load_strict(module, state, what):
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
         raise CheckpointError(f"{what} weights do not match the config: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
+                              f"unexpected {unexpected[:5]}, wrong shape {shapes[:5]}")
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
 

@@ -8,6 +8,7 @@ One token shard per input shard, an id index, then ``manifest.json`` written las
 into the same store skips shards already committed with the same checkpoint.
 """
 import argparse
+import json
 import logging
 import sys
 import threading
@@ -16,6 +17,7 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from pipeline._cli import finish
 from models.checkpoint import embedding_dim, fingerprint, read_config
 from schemas import columns as C
 from schemas import index as idx
@@ -195,16 +197,49 @@ def summarize(manifest, store, seconds, plan):
             "images": t["rows"], "failures": t["failed"], "duplicates": t["duplicates"],
             "missing_inputs": len(plan.missing), "ignored_side_files": len(plan.ignored),
             "shard_bytes": token_bytes, "bytes_per_image": round(token_bytes / t["rows"], 1) if t["rows"] else None,
+            "token_bytes_per_element": token_column_bytes_per_element(store, manifest),
             "wall_seconds": round(seconds, 2)}
+
+
+def token_column_bytes_per_element(store, manifest):
+    """Stored bytes of the tokens + token_scales columns / (rows x num_tokens x token_dim),
+    from the Parquet footers (compressed column-chunk sizes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    stored = rows = 0
+    for s in manifest["shards"]:
+        with storage.open_read(storage.join(store, s["path"])) as f:
+            meta = pq.ParquetFile(pa.PythonFile(f, mode="r")).metadata
+        rows += meta.num_rows
+        for rg in range(meta.num_row_groups):
+            group = meta.row_group(rg)
+            stored += sum(group.column(c).total_compressed_size for c in range(group.num_columns)
+                          if group.column(c).path_in_schema in (C.TOKENS, C.TOKEN_SCALES))
+    elements = rows * manifest["model"]["num_tokens"] * manifest["model"]["token_dim"]
+    return round(stored / elements, 4) if elements else None
+
+
+def print_summary(summary):
+    """A readable block on stderr, then the summary as one JSON line on stdout."""
+    rows = [("store", summary["store"]),
+            ("shards", f"{summary['shards']} committed, {summary['failed_shards']} failed"),
+            ("images", f"{summary['images']} stored, {summary['failures']} failure records "
+                       f"({summary['duplicates']} duplicate ids)"),
+            ("bytes per image", f"{summary['bytes_per_image']} (whole shard files)"),
+            ("token bytes/element", summary["token_bytes_per_element"]),
+            ("wall time", f"{summary['wall_seconds']} s")]
+    for k, v in rows:
+        print(f"  {k:<20} {v}", file=sys.stderr)
+    print(json.dumps(summary))
 
 
 def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     summary = run(argv)
     if summary is not None:
-        import json
-        print(json.dumps(summary))
+        print_summary(summary)
 
 
 if __name__ == "__main__":
     main()
+    finish(0)

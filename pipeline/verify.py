@@ -10,11 +10,11 @@ shard) and exits 1 on any problem.
 """
 import argparse
 import json
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline._cli import finish
 from schemas import columns as C
 from schemas import manifest as mf
 from schemas import storage
@@ -132,4 +132,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

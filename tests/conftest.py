@@ -1,0 +1,53 @@
+"""Shared fixtures: every shard and store is generated here, in code."""
+import io
+import os
+import tarfile
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pipeline import make_demo_shards, precompute  # noqa: E402
+
+BEAM_LOCAL = ["--runner=DirectRunner", "--progress=off"]
+
+
+def write_tar(path, members):
+    """Writes a tar with exactly these (name, bytes) members, in order."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(data))
+
+
+def demo_members(shard, count, seed=0):
+    """(name, bytes) tar members of real-photo demo samples."""
+    out = []
+    for sample in make_demo_shards.demo_samples(shard, count, seed):
+        key = sample.pop("__key__")
+        out.extend((f"{key}.{ext}", data) for ext, data in sample.items())
+    return out
+
+
+def run_precompute(input_pattern, output, *extra):
+    return precompute.run(["--input", str(input_pattern), "--output", str(output), *BEAM_LOCAL, *extra])
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """Three good shards of 8 real-photo samples each: 00000.tar .. 00002.tar."""
+    d = tmp_path_factory.mktemp("demo_shards")
+    for s in range(3):
+        write_tar(d / f"{s:05d}.tar", demo_members(s, 8))
+    return d
+
+
+@pytest.fixture(scope="session")
+def demo_store(demo_dir, tmp_path_factory):
+    """A store precomputed from demo_dir with the embedded default checkpoint: (path, summary)."""
+    store = tmp_path_factory.mktemp("demo_store") / "store"
+    summary = run_precompute(f"{demo_dir}/{{00000..00002}}.tar", store)
+    return store, summary

@@ -1,0 +1,187 @@
+"""End to end through the real Beam DirectRunner, real Parquet files and the real open_clip model."""
+import io
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from models.checkpoint import load_vision_encoder
+from models.quantization import decode_embedding, decode_tokens
+from pipeline.verify import verify
+from schemas import index as idx
+from schemas import manifest as mf
+from tests.conftest import demo_members, run_precompute, write_tar
+from tests.test_models import small_checkpoint
+from transforms.image_decode import decode_image
+
+
+def jpeg(color="red", size=(40, 30), mode="RGB"):
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """Two good img2dataset-like shards, one of bad samples, one not a tar, one truncated."""
+    d = tmp_path_factory.mktemp("mixed")
+    write_tar(d / "00000.tar", demo_members(0, 8))
+    write_tar(d / "00001.tar", demo_members(1, 8))
+    (d / "00000.parquet").write_bytes(b"img2dataset side file")
+    (d / "00000_stats.json").write_text("{}")
+    write_tar(d / "00002.tar", [
+        ("garbage.jpg", b"\xff\xd8\xff not really a jpeg"),
+        ("empty.jpg", b""),
+        ("noimage.txt", b"a caption without an image"),
+        ("000000003.jpg", jpeg("blue")),  # same key as a sample of 00000.tar: that one wins
+        ("good_a.jpg", jpeg("green")), ("good_a.json", b'{"url": "http://x/a.jpg"}'),
+        ("cmyk.jpg", jpeg((0, 255, 0, 0), mode="CMYK")),
+        ("good_a.jpg", jpeg("yellow")),  # the key again, later in the shard: a duplicate
+        ("caption.png", _png()), ("caption.txt", b"\xff\xfe bad utf8 " + b"x" * 10000),
+    ])
+    (d / "00003.tar").write_bytes(b"<html>not a tar</html>" * 50)
+    write_tar(d / "cut.tar", demo_members(4, 4))
+    data = (d / "cut.tar").read_bytes()
+    (d / "00004.tar").write_bytes(data[: len(data) // 2])
+    (d / "cut.tar").unlink()
+    store = tmp_path_factory.mktemp("mixed_store") / "store"
+    summary = run_precompute(f"{d}/*", store, "--batch_size", "4")
+    return d, store, summary
+
+
+def _png():
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), "white").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def read_all(store, sub):
+    manifest = mf.read(str(store))
+    files = [s["path"] for s in manifest["shards"]] if sub == "shards" else \
+        [e["failures"]["path"] for e in manifest["shards"] + manifest["failed_shards"] if e["failures"]]
+    tables = [pq.read_table(store / p, page_checksum_verification=True) for p in files]
+    return manifest, [r for t in tables for r in t.to_pylist()]
+
+
+def test_mixed_input_every_good_sample_once_every_bad_one_recorded(mixed):
+    d, store, summary = mixed
+    manifest, rows = read_all(store, "shards")
+    ids = [r["image_id"] for r in rows]
+    expected_good = {k for k, _ in demo_members(0, 8) + demo_members(1, 8)}
+    expected_good = {name.split(".")[0] for name in expected_good}
+    assert len(ids) == len(set(ids))
+    truncated = {i for i in ids if i.startswith("00004")}
+    assert 0 < len(truncated) < 4
+    assert set(ids) == expected_good | {"good_a", "cmyk", "caption"} | truncated
+    assert summary["images"] == len(ids) == manifest["totals"]["rows"]
+    assert summary["failed_shards"] == 1 and summary["ignored_side_files"] == 2
+
+    _, failures = read_all(store, "failures")
+    got = {(f["image_id"], f["stage"]) for f in failures}
+    assert {("garbage", "decode"), ("empty", "decode"), ("noimage", "read"),
+            ("000000003", "dedup"), ("good_a", "dedup")} <= got
+    assert all(f["reason"] == "duplicate_id" for f in failures if f["stage"] == "dedup")
+    shard_level = [f for f in failures if f["image_id"] is None]
+    assert {f["source"].rsplit("/", 1)[1] for f in shard_level} == {"00003.tar", "00004.tar"}
+    assert all(f["reason"] for f in failures)
+    assert manifest["totals"]["duplicates"] == 2
+    assert manifest["totals"]["failed"] == len(failures)
+    assert [s["name"] for s in manifest["failed_shards"]] == ["00003"]
+
+    # The earliest shard's copy of a duplicated id is the one served.
+    served = {r["image_id"]: r for r in rows}
+    assert json.loads(served["000000003"]["metadata"])["key"] == "000000003"
+    assert served["good_a"]["metadata"] == '{"url": "http://x/a.jpg"}'
+    caption = served["caption"]["caption"]
+    assert caption.startswith("\ufffd") and len(caption) <= 4096
+    assert verify(str(store))["ok"]
+
+
+def test_tokens_match_adapter_output_within_int8_error(demo_store, demo_dir):
+    store, summary = demo_store
+    manifest = mf.read(str(store))
+    m, h = manifest["model"]["num_tokens"], manifest["model"]["token_dim"]
+    table = pq.read_table(store / "shards" / "00001.parquet")
+    encoder, _, fp = load_vision_encoder(None)
+    assert manifest["model"]["fingerprint"] == fp
+    transform = encoder.backbone.image_transform()
+    members = dict(demo_members(1, 8))
+    for row in table.to_pylist():
+        ext = next(e for e in ("jpg", "png", "webp") if f"{row['image_id']}.{e}" in members)
+        x = transform(decode_image(members[f"{row['image_id']}.{ext}"]))[None]
+        with torch.no_grad():
+            want_tokens, want_emb = (t[0].numpy() for t in encoder(x))
+        got = decode_tokens(row["tokens"], row["token_scales"], m, h)
+        scales = np.frombuffer(row["token_scales"], "<f4")
+        assert np.all(np.abs(got - want_tokens) <= scales[:, None] * 0.5 + 1e-5)
+        emb = decode_embedding(row["embedding"])
+        assert np.allclose(emb, want_emb, atol=2e-3) and abs(np.linalg.norm(emb) - 1) < 2e-3
+
+
+def test_token_columns_take_at_most_1_05_bytes_per_element(demo_store):
+    store, _ = demo_store
+    manifest = mf.read(str(store))
+    m, h = manifest["model"]["num_tokens"], manifest["model"]["token_dim"]
+    stored = rows = 0
+    for s in manifest["shards"]:
+        meta = pq.ParquetFile(store / s["path"]).metadata
+        rows += meta.num_rows
+        for rg in range(meta.num_row_groups):
+            for c in range(meta.num_columns):
+                col = meta.row_group(rg).column(c)
+                if col.path_in_schema in ("tokens", "token_scales"):
+                    stored += col.total_compressed_size
+    assert rows == manifest["totals"]["rows"] == 24
+    assert stored / (rows * m * h) <= 1.05
+
+
+def test_index_routes_every_id_to_its_row(demo_store):
+    store, _ = demo_store
+    manifest = mf.read(str(store))
+    buckets = manifest["index"]["buckets"]
+    entries = {}
+    for f in manifest["index"]["files"]:
+        b = int(f["path"].split("ids-")[1][:5])
+        for r in pq.read_table(store / f["path"]).to_pylist():
+            assert idx.bucket_of(r["image_id"], buckets) == b
+            entries[r["image_id"]] = (r["shard"], r["row"])
+    for s in manifest["shards"]:
+        for row, image_id in enumerate(pq.read_table(store / s["path"], columns=["image_id"]).column(0).to_pylist()):
+            assert entries.pop(image_id) == (s["name"], row)
+    assert not entries
+
+
+def test_rerun_skips_committed_shards_and_refuses_another_checkpoint(demo_dir, tmp_path):
+    store = tmp_path / "store"
+    run_precompute(f"{demo_dir}/{{00000..00001}}.tar", store)
+    first = json.loads((store / "manifest.json").read_text())
+    stats_mtime = (store / "stats" / "00000.json").stat().st_mtime_ns
+    (store / "shards" / ".tmp-deadbeef-00000.parquet").write_bytes(b"debris of a killed run")
+    summary = run_precompute(f"{demo_dir}/{{00000..00002}}.tar", store)
+    assert (store / "stats" / "00000.json").stat().st_mtime_ns == stats_mtime  # skipped, not redone
+    second = json.loads((store / "manifest.json").read_text())
+    assert summary["shards"] == 3 and second["shards"][:2] == first["shards"]
+    assert sorted(p.name for p in (store / "shards").iterdir()) == ["00000.parquet", "00001.parquet", "00002.parquet"]
+    small_checkpoint(tmp_path / "other")
+    with pytest.raises(SystemExit, match="new --output"):
+        run_precompute(f"{demo_dir}/00000.tar", store, "--checkpoint", str(tmp_path / "other"))
+
+
+def test_same_bytes_whatever_the_batch_boundaries_of_bundles(demo_dir, demo_store, tmp_path):
+    """Bundle replay (a retried bundle) must not add rows or change bytes."""
+    store, _ = demo_store
+    again = tmp_path / "again"
+    run_precompute(f"{demo_dir}/{{00000..00002}}.tar", again, "--direct_runner_bundle_repeat=2")
+    a, b = mf.read(str(store)), mf.read(str(again))
+    assert [(s["name"], s["rows"], s["sha256"]) for s in a["shards"]] == \
+           [(s["name"], s["rows"], s["sha256"]) for s in b["shards"]]
+    assert verify(str(again))["ok"]
+
+
+def test_no_input_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no input shards"):
+        run_precompute(f"{tmp_path}/nothing-*.tar", tmp_path / "s")
