@@ -67,10 +67,10 @@ def load_state_file(path: str) -> dict:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
-def build_clip(cfg: BackboneConfig) -> nn.Module:
+def build_clip(cfg: BackboneConfig, load_pretrained: bool = True) -> nn.Module:
     if cfg.model_config is not None:
         return open_clip.model.CLIP(**copy.deepcopy(cfg.model_config))
-    if cfg.pretrained and not cfg.weights_file:
+    if load_pretrained and cfg.pretrained and not cfg.weights_file:
         try:
             return open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained)
         except Exception as e:
@@ -84,10 +84,10 @@ def build_clip(cfg: BackboneConfig) -> nn.Module:
 class Backbone(nn.Module):
     """Wraps an open_clip CLIP model; ``forward(images) -> (embedding, patch_tokens)``."""
 
-    def __init__(self, cfg: BackboneConfig):
+    def __init__(self, cfg: BackboneConfig, load_pretrained: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.clip = build_clip(cfg)
+        self.clip = build_clip(cfg, load_pretrained)
         self.clip.visual.output_tokens = True
         pp = open_clip.get_model_preprocess_cfg(self.clip)
         self.image_size = pp.get("size", self.clip.visual.image_size)

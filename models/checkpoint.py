@@ -152,8 +152,9 @@ def load_vision_encoder(path=None, device="cpu"):
     path = resolve_dir(path)
     cfg = read_config(path)
     state = load_file(str(path / WEIGHTS_FILE))
-    backbone = Backbone(cfg.backbone)
     backbone_state = _split(state, "backbone.clip.")
+    # Weights in the checkpoint (or a weights file) win; the pretrained tag is only a fallback.
+    backbone = Backbone(cfg.backbone, load_pretrained=not backbone_state and not cfg.backbone.weights_file)
     if not backbone_state and cfg.backbone.weights_file:
         backbone_state = load_state_file(cfg.backbone.weights_file)
     if backbone_state:

@@ -76,8 +76,12 @@ def _usage_parser():
     return parser
 
 
-def check_store_compatible(store: str, fp: str) -> None:
-    """Refuses to mix models in one store: a different checkpoint needs a new --output."""
+def check_store_compatible(store: str, fp: str, names) -> None:
+    """Refuses to mix models in one store, or to drop committed shards from it.
+
+    A different checkpoint needs a new --output. A rerun may add input shards (the store grows)
+    but must list every shard already committed, so the manifest never leaves one behind.
+    """
     if storage.exists(mf.manifest_path(store)):
         try:
             existing = mf.read(store)["model"]["fingerprint"]
@@ -93,6 +97,10 @@ def check_store_compatible(store: str, fp: str) -> None:
         if rec and rec.get("fingerprint") not in (None, fp):
             raise SystemExit(f"error: {store} holds shards of checkpoint {rec['fingerprint'][:12]} "
                              f"({path}), this run uses {fp[:12]}; write to a new --output")
+        if rec and rec.get("status") == shard_stats.STATUS_OK and rec.get("name") not in names:
+            raise SystemExit(f"error: {store} already holds shard {rec['name']!r} (from {rec.get('source')}), "
+                             f"which --input does not list; rerun with every input of the store "
+                             f"(adding new shards is fine) or write to a new --output")
 
 
 class _Progress:
@@ -150,7 +158,7 @@ def run(argv=None, test_pipeline=None):
     if not plan.shards:
         raise SystemExit(f"error: no input shards match {opts.input!r}"
                          + (f" ({len(plan.missing)} listed paths do not exist)" if plan.missing else ""))
-    check_store_compatible(store, fp)
+    check_store_compatible(store, fp, {s.name for s in plan.shards})
     buckets = opts.index_buckets or idx.default_buckets(len(plan.shards))
     model = {"fingerprint": fp, "backbone": cfg.backbone.describe(), "num_tokens": cfg.adapter.num_tokens,
              "token_dim": cfg.adapter.output_dim, "embedding_dim": embedding_dim(cfg.backbone),

@@ -21,6 +21,7 @@ def encode(im, fmt, **kw):
     lambda: encode(Image.new("L", (1, 1), 7), "BMP"),
     lambda: encode(Image.new("LA", (20, 10)), "PNG"),
     lambda: encode(Image.new("RGB", (20, 10), "blue"), "WEBP"),
+    lambda: encode(Image.new("RGB", (20, 10), "blue"), "TIFF"),
 ])
 def test_odd_but_valid_modes_decode_to_rgb(make):
     im = decode_image(make())

@@ -166,6 +166,11 @@ def test_rerun_skips_committed_shards_and_refuses_another_checkpoint(demo_dir, t
     second = json.loads((store / "manifest.json").read_text())
     assert summary["shards"] == 3 and second["shards"][:2] == first["shards"]
     assert sorted(p.name for p in (store / "shards").iterdir()) == ["00000.parquet", "00001.parquet", "00002.parquet"]
+    with pytest.raises(SystemExit, match="does not list"):
+        run_precompute(f"{demo_dir}/{{00000..00001}}.tar", store)
+    run_precompute(f"{demo_dir}/{{00000..00002}}.tar", store, "--batch_size", "3")
+    assert (store / "stats" / "00000.json").stat().st_mtime_ns != stats_mtime  # other settings: redone
+    assert json.loads((store / "stats" / "00000.json").read_text())["batch_size"] == 3
     small_checkpoint(tmp_path / "other")
     with pytest.raises(SystemExit, match="new --output"):
         run_precompute(f"{demo_dir}/00000.tar", store, "--checkpoint", str(tmp_path / "other"))

@@ -29,6 +29,8 @@ from transforms.vision_handler import VisionModelHandler
 
 log = logging.getLogger(__name__)
 NAMESPACE = "edje_precompute"
+# Settings recorded per shard; a committed shard is reused only if all of them match.
+ENCODE_SETTINGS = ("batch_size", "precision", "torch_threads", "device", "max_member_bytes", "max_pixels")
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,9 @@ class EncodeShardFn(beam.DoFn):
         if rec.get("fingerprint") != self.cfg.fingerprint or rec.get("drop_digest") != digest \
                 or rec.get("source") != spec.source:
             return None
+        # Other encode settings may change the bytes: such a shard is redone, never mixed in.
+        if any(rec.get(k) != getattr(self.cfg, k) for k in ENCODE_SETTINGS):
+            return None
         for key in ("shard", "failures"):
             entry = rec.get(key)
             if entry is None:
@@ -151,8 +156,8 @@ class EncodeShardFn(beam.DoFn):
             "rows": counts["rows"], "failed": len(failures), "duplicates": counts["duplicates"],
             "shard": dict(shard_file, path=shard_path) if readable else None,
             "failures": failures_file, "reason": shard_error,
-            "batch_size": self.cfg.batch_size, "torch_threads": self.cfg.torch_threads,
-            "precision": self.cfg.precision, "seconds": round(time.time() - started, 3),
+            **{k: getattr(self.cfg, k) for k in ENCODE_SETTINGS},
+            "seconds": round(time.time() - started, 3),
         }
         shard_stats.write(self.cfg.store, rec)
         self.images_ok.inc(counts["rows"])

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 # Formats we accept whatever the member's extension says; others (EPS via Ghostscript, ...) never run.
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "MPO", "TIFF")
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own MAX_IMAGE_PIXELS
 
 
