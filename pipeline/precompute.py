@@ -24,7 +24,7 @@ from schemas import index as idx
 from schemas import manifest as mf
 from schemas import shard_stats, storage
 from schemas.token_store import QUANT_SCHEME
-from transforms.encode_shard import EncodeConfig, EncodeShardFn
+from transforms.encode_shard import NAMESPACE as ENCODE_NAMESPACE, EncodeConfig, EncodeShardFn
 from transforms.scan_keys import FindCrossShardDuplicates
 from transforms.shard_files import plan_shards
 from transforms.tar_samples import DEFAULT_MAX_MEMBER_BYTES
@@ -172,6 +172,8 @@ def run(argv=None, test_pipeline=None):
     producer = {"quantization": QUANT_SCHEME, "batch_size": opts.batch_size, "precision": opts.precision,
                 "torch_threads": opts.torch_threads, "device": opts.device}
 
+    # The launcher's plan checks the input, sizes the index and drives the progress bar; the
+    # pipeline plans again on a worker so a million shard paths never enter the job graph.
     pattern = opts.input
     pipeline = test_pipeline or beam.Pipeline(options=options)
     specs = (pipeline
@@ -195,7 +197,23 @@ def run(argv=None, test_pipeline=None):
         if progress:
             progress.close()
     manifest = mf.read(store)
-    return summarize(manifest, store, time.time() - started, plan)
+    summary = summarize(manifest, store, time.time() - started, plan)
+    summary["metrics"] = beam_counters(result)
+    return summary
+
+
+def beam_counters(result) -> dict:
+    """The job's Beam counters (images_ok, images_failed, bytes_written, shards_*), summed over steps."""
+    from apache_beam.metrics.metric import MetricsFilter
+    totals = {}
+    try:
+        counters = result.metrics().query(MetricsFilter().with_namespace(ENCODE_NAMESPACE))["counters"]
+    except (AttributeError, NotImplementedError):  # runners without metric support
+        return totals
+    for c in counters:
+        value = c.committed if c.committed is not None else c.attempted
+        totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + (value or 0)
+    return totals
 
 
 def summarize(manifest, store, seconds, plan):

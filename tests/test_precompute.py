@@ -78,6 +78,10 @@ def test_mixed_input_every_good_sample_once_every_bad_one_recorded(mixed):
     assert 0 < len(truncated) < 4
     assert set(ids) == expected_good | {"good_a", "cmyk", "caption"} | truncated
     assert summary["images"] == len(ids) == manifest["totals"]["rows"]
+    metrics = summary["metrics"]  # the Beam counters every runner reports
+    assert metrics["images_ok"] == len(ids) and metrics["shards_written"] == 4
+    assert metrics["shards_failed"] == 1 and metrics["images_failed"] == manifest["totals"]["failed"]
+    assert metrics["bytes_written"] >= sum(s["bytes"] for s in manifest["shards"])
     assert summary["failed_shards"] == 1 and summary["ignored_side_files"] == 2
 
     _, failures = read_all(store, "failures")

@@ -1,5 +1,4 @@
 import gzip
-import io
 import shutil
 
 import pytest
@@ -30,11 +29,14 @@ def test_members_grouped_by_key_with_webdataset_conventions(tmp_path):
     assert [s.key for s in scanned] == ["000", "dir/001", "002"] and scanned[0].members["jpg"] is None
 
 
-def test_tar_gz_reads_like_tar(tmp_path):
-    write_tar(tmp_path / "a.tar", [("000.jpg", b"J"), ("001.jpg", b"K")])
+def test_tar_gz_reads_like_tar_and_listing_keys_matches_reading(tmp_path):
+    write_tar(tmp_path / "a.tar", [("000.jpg", b"J" * 5000), ("000.txt", b"t"), ("001.jpg", b"K"), ("002.txt", b"x")])
     with open(tmp_path / "a.tar", "rb") as src, gzip.open(tmp_path / "a.tar.gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
-    assert [s.key for s in samples_of(tmp_path / "a.tar.gz")] == ["000", "001"]
+    for name in ("a.tar", "a.tar.gz"):
+        full = [(s.key, sorted(s.members)) for s in samples_of(tmp_path / name)]
+        assert full == [("000", ["jpg", "txt"]), ("001", ["jpg"]), ("002", ["txt"])]
+        assert [(s.key, sorted(s.members)) for s in samples_of(tmp_path / name, read_data=False)] == full
 
 
 def test_truncated_tar_keeps_complete_samples_then_reports(tmp_path):

@@ -2,9 +2,12 @@
 
 Keys and extensions follow webdataset's convention (``webdataset.tariterators.base_plus_ext``:
 key = path up to the first dot of the file name, extension lower-cased). Unlike webdataset's
-own iterators, damage is reported instead of swallowed: every complete sample before a corrupt
-header or a truncation is yielded, then :class:`ShardReadError` says what went wrong. Members
-are size-capped before they are read into memory.
+own iterators, damage is reported instead of swallowed: the samples read before a corrupt
+header or a truncation are yielded (the one in progress with the members it had read), then
+:class:`ShardReadError` says what went wrong. Members are size-capped before they are read into
+memory. Listing keys only (``read_data=False``) still streams the whole file: seeking over member
+data read 7.5x fewer bytes but took 1.4x longer on a local 124 MB shard (page cache), and
+remote readers fetch large chunks anyway.
 """
 import tarfile
 from typing import Dict, List, NamedTuple, Optional, Tuple
