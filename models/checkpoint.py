@@ -18,6 +18,7 @@ from torch import nn
 
 from models.adapter import AdapterConfig, TokenCompressionAdapter
 from models.backbone import Backbone, BackboneConfig, load_state_file
+from models.joint_encoder import JointEncoder, JointEncoderConfig, Tokenizer, base_weights_sha256
 
 FORMAT = "edje-checkpoint"
 VERSION = 1
@@ -47,13 +48,13 @@ def canonical_json(obj) -> bytes:
 class CheckpointConfig:
     backbone: BackboneConfig
     adapter: AdapterConfig
-    joint_encoder: Optional[dict] = None
+    joint_encoder: Optional[JointEncoderConfig] = None
     description: str = ""
 
     def to_dict(self):
         return {"format": FORMAT, "version": VERSION, "description": self.description,
                 "backbone": self.backbone.to_dict(), "adapter": self.adapter.to_dict(),
-                "joint_encoder": self.joint_encoder}
+                "joint_encoder": self.joint_encoder.to_dict() if self.joint_encoder else None}
 
     @classmethod
     def from_dict(cls, d):
@@ -62,9 +63,11 @@ class CheckpointConfig:
         if d.get("version") != VERSION:
             raise CheckpointError(f"config.json: unsupported checkpoint version {d.get('version')!r}")
         try:
+            joint = d.get("joint_encoder")
             return cls(backbone=BackboneConfig.from_dict(d["backbone"]),
                        adapter=AdapterConfig.from_dict(d["adapter"]),
-                       joint_encoder=d.get("joint_encoder"), description=d.get("description", ""))
+                       joint_encoder=JointEncoderConfig.from_dict(joint) if joint else None,
+                       description=d.get("description", ""))
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"config.json: {e}") from e
 
@@ -116,6 +119,8 @@ def fingerprint(path) -> str:
     h.update(b"\0weights\0" + _sha256_file(path / WEIGHTS_FILE).encode())
     if cfg.backbone.weights_file:
         h.update(b"\0backbone\0" + _sha256_file(Path(cfg.backbone.weights_file)).encode())
+    if cfg.joint_encoder and cfg.joint_encoder.base_model:
+        h.update(b"\0joint-base\0" + base_weights_sha256(cfg.joint_encoder.base_model).encode())
     return h.hexdigest()
 
 
@@ -172,6 +177,36 @@ def load_vision_encoder(path=None, device="cpu"):
     return encoder, cfg, fingerprint(path)
 
 
+def load_joint_encoder(path=None, device="cpu"):
+    """Loads the joint encoder and its tokenizer. Returns (model, tokenizer, config, fingerprint).
+
+    Base weights (e.g. the offline MiniLM) load first; every ``joint.*`` tensor of the checkpoint
+    then replaces its counterpart, and whatever the base lacks (pooler, head) must be there.
+    """
+    path = resolve_dir(path)
+    cfg = read_config(path)
+    if cfg.joint_encoder is None:
+        raise CheckpointError(f"{path}: this checkpoint has no joint encoder (config.json joint_encoder is null)")
+    model = JointEncoder(cfg.joint_encoder, load_base_weights=True)
+    state = _split(load_file(str(path / WEIGHTS_FILE)), "joint.")
+    own = model.state_dict()
+    need = {f"bert.{k}" for k in model.bert.base_missing_keys} | {k for k in own if k.startswith("head.")}
+    missing = sorted(need - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"joint encoder weights do not match the config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, wrong shape {shapes[:5]}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+    if cfg.adapter.output_dim != model.hidden_size:
+        raise CheckpointError(f"adapter output_dim {cfg.adapter.output_dim} != joint encoder width "
+                              f"{model.hidden_size}")
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, Tokenizer(cfg.joint_encoder), cfg, fingerprint(path)
+
+
 def _load_strict(module, state, what):
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
@@ -184,12 +219,14 @@ def _load_strict(module, state, what):
 
 
 def save_checkpoint(path, cfg: CheckpointConfig, modules: dict, dtype=None) -> str:
-    """Writes ``config.json`` + ``model.safetensors``; ``modules`` maps a key prefix to a module."""
+    """Writes ``config.json`` + ``model.safetensors``; ``modules`` maps a key prefix to a module
+    or to a dict of tensors (to store only part of a module, e.g. what a base model lacks)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {}
     for prefix, module in modules.items():
-        for k, v in module.state_dict().items():
+        tensors = module if isinstance(module, dict) else module.state_dict()
+        for k, v in tensors.items():
             v = v.detach().cpu().contiguous()
             state[f"{prefix}.{k}"] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
     tmp = path / (WEIGHTS_FILE + ".tmp")

@@ -10,6 +10,7 @@ import torch
 from models.adapter import AdapterConfig, TokenCompressionAdapter
 from models.backbone import Backbone, BackboneConfig
 from models.checkpoint import CheckpointConfig, save_checkpoint
+from models.joint_encoder import JointEncoder, JointEncoderConfig
 
 TINY_CLIP = {
     "embed_dim": 64,
@@ -24,9 +25,11 @@ def build(seed: int = 0):
     cfg = CheckpointConfig(
         backbone=BackboneConfig(model_config=TINY_CLIP),
         adapter=TINY_ADAPTER,
+        joint_encoder=JointEncoderConfig(),  # the offline MiniLM, loaded from its package
         description=f"random-init demo model (seed {seed}); its scores mean nothing",
     )
-    return cfg, Backbone(cfg.backbone), TokenCompressionAdapter(cfg.adapter)
+    joint = JointEncoder(cfg.joint_encoder)
+    return cfg, Backbone(cfg.backbone), TokenCompressionAdapter(cfg.adapter), joint
 
 
 def main(argv=None):
@@ -34,8 +37,12 @@ def main(argv=None):
     ap.add_argument("--output", default="models/default")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    cfg, backbone, adapter = build(args.seed)
-    fp = save_checkpoint(args.output, cfg, {"backbone": backbone, "adapter": adapter}, dtype=torch.float16)
+    cfg, backbone, adapter, joint = build(args.seed)
+    # Only what MiniLM lacks (pooler, head) is stored; its own weights load from the package.
+    joint_part = {k: v for k, v in joint.state_dict().items()
+                  if k.startswith("head.") or k[len("bert."):] in joint.bert.base_missing_keys}
+    fp = save_checkpoint(args.output, cfg, {"backbone": backbone, "adapter": adapter, "joint": joint_part},
+                         dtype=torch.float16)
     print(f"wrote {args.output} fingerprint {fp}")
 
 

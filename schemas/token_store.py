@@ -59,3 +59,14 @@ INDEX_SCHEMA = pa.schema(
         pa.field(C.ROW, pa.int64(), nullable=False),
     ]
 )
+
+
+def binary_column_to_numpy(column, dtype, shape):
+    """A fixed_size_binary column (Array or ChunkedArray) -> numpy (rows, *shape), one copy."""
+    import numpy as np
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(arr) == 0:
+        return np.zeros((0, *shape), dtype=dtype)
+    width = arr.type.byte_width
+    raw = np.frombuffer(arr.buffers()[1], np.uint8, count=len(arr) * width, offset=arr.offset * width)
+    return raw.view(dtype).reshape(len(arr), *shape)

