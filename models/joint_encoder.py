@@ -84,7 +84,9 @@ def build_bert(cfg: JointEncoderConfig, load_base_weights: bool):
     from transformers import BertConfig, BertModel
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if cfg.base_model is None:
-        return BertModel(BertConfig(**cfg.bert_overrides), add_pooling_layer=True)
+        model = BertModel(BertConfig(**cfg.bert_overrides), add_pooling_layer=True)
+        model.base_missing_keys = sorted(model.state_dict())  # no base: the checkpoint holds everything
+        return model
     path = str(resolve_base_model(cfg.base_model))
     bert_cfg = BertConfig.from_pretrained(path, **cfg.bert_overrides)
     if load_base_weights:

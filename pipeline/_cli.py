@@ -15,3 +15,15 @@ def finish(code: int = 0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def add_flag(parser, *names, **kwargs):
+    """parser.add_argument that tolerates a flag another job's options class already added.
+
+    Beam builds one parser from every PipelineOptions subclass imported (get_all_options), so
+    two jobs both having --output would otherwise conflict when imported into one process.
+    Each job's own view (``options.view_as(JobOptions)``) still parses with its own definitions.
+    """
+    if any(name in parser._option_string_actions for name in names):
+        return
+    parser.add_argument(*names, **kwargs)

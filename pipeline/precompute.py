@@ -17,7 +17,7 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline._cli import finish
+from pipeline._cli import add_flag, finish
 from models.checkpoint import embedding_dim, fingerprint, read_config
 from schemas import columns as C
 from schemas import index as idx
@@ -40,29 +40,29 @@ LOCAL_RUNNERS = {None, "DirectRunner", "FnApiRunner", "BundleBasedDirectRunner",
 class PrecomputeOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument("--input", help="input WebDataset shards: a path or URL with braces "
+        add_flag(parser, "--input", help="input WebDataset shards: a path or URL with braces "
                             "({00000..00099}) and/or globs; several patterns separated by commas. "
                             "img2dataset's side files (.parquet, _stats.json) are ignored")
-        parser.add_argument("--output", help="token store directory (local path or gs://, s3://, ... URL)")
-        parser.add_argument("--checkpoint", default=None,
+        add_flag(parser, "--output", help="token store directory (local path or gs://, s3://, ... URL)")
+        add_flag(parser, "--checkpoint", default=None,
                             help="checkpoint directory (config.json + model.safetensors); default: the "
                                  "embedded demo checkpoint")
-        parser.add_argument("--batch_size", type=int, default=32,
+        add_flag(parser, "--batch_size", type=int, default=32,
                             help="images per forward pass; batches are cut in shard order, so the "
                                  "stored bytes depend on it but never on workers or bundling")
-        parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-        parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
+        add_flag(parser, "--device", default="cpu", help="cpu, cuda or cuda:N")
+        add_flag(parser, "--precision", default="fp32", choices=sorted(PRECISIONS),
                             help="autocast precision of the forward pass")
-        parser.add_argument("--torch_threads", type=int, default=1,
+        add_flag(parser, "--torch_threads", type=int, default=1,
                             help="torch intra-op threads per worker; fixed so that results do not "
                                  "depend on the machine (parallelism comes from Beam workers)")
-        parser.add_argument("--max_member_bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
+        add_flag(parser, "--max_member_bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
                             help="tar members larger than this are not read (recorded as failures)")
-        parser.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+        add_flag(parser, "--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS,
                             help="images with more pixels are refused from their header, before decoding")
-        parser.add_argument("--index_buckets", type=int, default=0,
+        add_flag(parser, "--index_buckets", type=int, default=0,
                             help="number of id index files; 0 picks one per ~64 shards (power of two)")
-        parser.add_argument("--progress", default="auto", choices=["auto", "on", "off"],
+        add_flag(parser, "--progress", default="auto", choices=["auto", "on", "off"],
                             help="tqdm progress bar (auto: on for local runners)")
 
 

@@ -95,12 +95,6 @@ class TokenStore:
         tokens = q.astype(np.float32) * s[..., None]
         return table.column(C.IMAGE_ID).to_pylist(), tokens, e.astype(np.float32)
 
-    def read_embeddings(self, shard: str):
-        """All ids and embeddings (float32, L2-normalised) of one shard."""
-        table = open_parquet(self.shard_file(shard)).read(columns=[C.IMAGE_ID, C.EMBEDDING])
-        e = binary_column_to_numpy(table.column(C.EMBEDDING), "<f2", (self.embedding_dim,))
-        return table.column(C.IMAGE_ID).to_pylist(), e.astype(np.float32)
-
     def get(self, image_ids: List[str]):
         """ids -> (found ids, tokens, embeddings) in the given order, and the ids not in the store."""
         where = self.lookup(image_ids)

@@ -65,6 +65,8 @@ def binary_column_to_numpy(column, dtype, shape):
     """A fixed_size_binary column (Array or ChunkedArray) -> numpy (rows, *shape), one copy."""
     import numpy as np
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if arr.null_count:
+        raise ValueError(f"{arr.null_count} null value(s) in a column that must have none")
     if len(arr) == 0:
         return np.zeros((0, *shape), dtype=dtype)
     width = arr.type.byte_width

@@ -1,13 +1,17 @@
 import json
 import logging
 
+import numpy as np
+
 import pytest
 import torch
 
 from models.adapter import AdapterConfig, TokenCompressionAdapter
 from models.backbone import Backbone, BackboneConfig, load_state_file
 from models.checkpoint import (CheckpointConfig, CheckpointError, DEFAULT_CHECKPOINT, fingerprint,
-                               load_vision_encoder, resolve_dir, save_checkpoint)
+                               load_joint_encoder, load_vision_encoder, resolve_dir, save_checkpoint)
+from models.joint_encoder import score_batch
+from models.joint_encoder import MINILM_PACKAGE, JointEncoder, JointEncoderConfig
 from models.make_default import TINY_CLIP
 
 SMALL_CLIP = {
@@ -17,12 +21,20 @@ SMALL_CLIP = {
 }
 
 
+SMALL_BERT = {"vocab_size": 30522, "hidden_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "intermediate_size": 96, "max_position_embeddings": 128}
+
+
 def small_checkpoint(path, seed=0, num_tokens=4):
+    """A complete tiny checkpoint: open_clip ViT, adapter, and a fresh 1-layer BERT joint encoder."""
     torch.manual_seed(seed)
     cfg = CheckpointConfig(BackboneConfig(model_config=SMALL_CLIP),
-                           AdapterConfig(num_tokens=num_tokens, input_dim=64, output_dim=48, num_heads=2, mlp_dim=128))
+                           AdapterConfig(num_tokens=num_tokens, input_dim=64, output_dim=48, num_heads=2, mlp_dim=128),
+                           JointEncoderConfig(base_model=None, bert_overrides=SMALL_BERT, tokenizer=MINILM_PACKAGE,
+                                              max_text_tokens=16))
     backbone, adapter = Backbone(cfg.backbone), TokenCompressionAdapter(cfg.adapter)
-    fp = save_checkpoint(path, cfg, {"backbone": backbone, "adapter": adapter})
+    joint = JointEncoder(cfg.joint_encoder)
+    fp = save_checkpoint(path, cfg, {"backbone": backbone, "adapter": adapter, "joint": joint})
     return cfg, backbone, adapter, fp
 
 
@@ -98,3 +110,23 @@ def test_embedded_default_checkpoint_loads_offline():
     assert "mean nothing" in cfg.description
     tokens, emb = encoder(torch.zeros(1, 3, 64, 64))
     assert tokens.shape == (1, cfg.adapter.num_tokens, cfg.adapter.output_dim) and len(fp) == 64
+
+
+def test_joint_encoder_from_config_round_trips_and_scores_independently_of_batch(tmp_path):
+    small_checkpoint(tmp_path / "a")
+    model, tokenizer, cfg, fp = load_joint_encoder(tmp_path / "a")
+    assert model.hidden_size == cfg.adapter.output_dim == 48 and fp == fingerprint(tmp_path / "a")
+    tokens = np.random.default_rng(0).standard_normal((3, 4, 48)).astype(np.float32)
+    texts = ["short", "a much longer text than the others, cut at sixteen tokens by the cap", "mid length text"]
+    together = score_batch(model, tokenizer, texts, tokens)
+    alone = [score_batch(model, tokenizer, [t], tokens[i:i + 1])[0] for i, t in enumerate(texts)]
+    assert np.allclose(together, alone, atol=1e-6)
+    assert len(tokenizer(["word " * 100])[0][0]) == 16
+
+
+def test_default_joint_encoder_is_minilm_with_stored_head():
+    model, tokenizer, cfg, _ = load_joint_encoder(None)
+    assert cfg.joint_encoder.base_model == MINILM_PACKAGE and model.bert.config.num_hidden_layers == 6
+    ids, mask = tokenizer(["a red circle"])
+    logit = model(ids, mask, torch.zeros(1, cfg.adapter.num_tokens, 384))
+    assert logit.shape == (1,) and torch.isfinite(logit).all()

@@ -4,7 +4,8 @@ Each file is read by one worker in order, so every failure names its ``file:line
 ``file:row`` for Parquet). Queries whose id appeared earlier (file order, then line) are failures
 too: one query id, one ranking.
 """
-import json
+import logging
+from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
@@ -15,6 +16,7 @@ from schemas import queries as Q
 from schemas import storage
 
 FAILURES = "failures"
+log = logging.getLogger(__name__)
 
 
 def plan_query_files(pattern: str):
@@ -22,11 +24,12 @@ def plan_query_files(pattern: str):
     for part in [p.strip() for p in pattern.split(",") if p.strip()]:
         try:
             files.extend(m.path for m in FileSystems.match([part])[0].metadata_list)
-        except Exception:
-            pass
+        except Exception as e:  # a literal path that does not exist raises on some filesystems
+            log.warning("query files %r: %s", part, e)
     return sorted(set(files))
 
 
+@beam.typehints.with_output_types(Any)
 class _ReadFile(beam.DoFn):
     def __init__(self, require_candidates: bool):
         self.require_candidates = require_candidates
@@ -91,6 +94,7 @@ def _skip_line(f):
             return block[nl + 1:]
 
 
+@beam.typehints.with_output_types(Any)
 def _first_per_id(element):
     qid, items = element
     items = sorted(items, key=lambda kv: kv[0])

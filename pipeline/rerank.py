@@ -1,0 +1,147 @@
+"""Rerank: queries with candidates + token store -> joint-encoder scores (Beam).
+
+    python -m pipeline.rerank --queries CANDIDATES.jsonl --store STORE --output SCORES.parquet \\
+        [--checkpoint DIR] [--top_k K] [--fusion none|add_first_stage]
+
+Each query is exploded into (query, candidate) requests; requests are routed through the store's
+id index to the shard holding the image, only the needed rows are read there and scored in
+batches (RunInference), then scores are grouped by query and ranked. Tokens never cross a
+shuffle. Output: one row per scored pair (query_id, image_id, rank, score, first_stage_score).
+Candidates not in the store, duplicate candidates and malformed queries are written to the
+failures file (JSONL), never silently dropped.
+"""
+import argparse
+import json
+import logging
+import sys
+import time
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline._cli import add_flag, finish
+from schemas.reader import StoreError, TokenStore
+from schemas.scores import scores_schema
+from transforms.joint_handler import JointScorerHandler
+from transforms.rank_scores import FUSIONS, RankScores
+from transforms.read_queries import ReadQueries
+from transforms.route_requests import RouteRequests
+from transforms.score_pairs import ScorePairs
+from transforms.write_output import WriteRows, output_format, remove_stale
+
+log = logging.getLogger(__name__)
+
+
+class RerankOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        add_flag(parser, "--queries", help="query file(s) with candidates: JSONL or Parquet, globs and "
+                                              "comma-separated patterns (the retrieve job's output works as is)")
+        add_flag(parser, "--store", help="token store directory or URL")
+        add_flag(parser, "--output", help="scores file; .jsonl/.json -> JSONL, otherwise Parquet. Exactly "
+                                             "this file is written")
+        add_flag(parser, "--checkpoint", default=None,
+                            help="checkpoint directory; must be the one that built the store (default: embedded)")
+        add_flag(parser, "--top_k", type=int, default=0, help="keep the best K per query (0: all)")
+        add_flag(parser, "--fusion", default="none", choices=FUSIONS,
+                            help="none: rank by the joint encoder's logit (EDJE); add_first_stage: by "
+                                 "logit + fusion_weight * first-stage score")
+        add_flag(parser, "--fusion_weight", type=float, default=1.0)
+        add_flag(parser, "--failures", default=None,
+                            help="failure records (JSONL; always written): default <output stem>.failures.jsonl")
+        add_flag(parser, "--output_format", default="auto", choices=["auto", "parquet", "jsonl"])
+        add_flag(parser, "--batch_size", type=int, default=64, help="pairs per joint-encoder forward")
+        add_flag(parser, "--device", default="cpu", help="cpu, cuda or cuda:N")
+        add_flag(parser, "--torch_threads", type=int, default=1, help="torch intra-op threads per worker")
+
+
+def _usage_parser():
+    parser = argparse.ArgumentParser(prog="python -m pipeline.rerank", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Standard Beam flags (--runner, --direct_num_workers, ...) pass through.")
+    RerankOptions._add_argparse_args(parser)
+    return parser
+
+
+def failures_path_for(output: str) -> str:
+    stem = output.rsplit(".", 1)[0] if "." in output.rsplit("/", 1)[-1] else output
+    return stem + ".failures.jsonl"
+
+
+def run(argv=None, test_pipeline=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        _usage_parser().print_help()
+        return None
+    options = PipelineOptions(argv)
+    opts = options.view_as(RerankOptions)
+    if not (opts.queries and opts.store and opts.output):
+        _usage_parser().error("--queries, --store and --output are required")
+    if opts.top_k < 0 or opts.batch_size < 1 or opts.torch_threads < 1:
+        _usage_parser().error("--top_k must be >= 0, --batch_size and --torch_threads >= 1")
+    from models.checkpoint import fingerprint, read_config
+    if read_config(opts.checkpoint).joint_encoder is None:
+        raise SystemExit("error: the checkpoint has no joint encoder")
+    try:
+        store = TokenStore(opts.store)
+        store.require_fingerprint(fingerprint(opts.checkpoint))
+    except StoreError as e:
+        raise SystemExit(f"error: {e}") from None
+    started = time.time()
+    fmt = output_format(opts.output, opts.output_format)
+    failures_path = opts.failures or failures_path_for(opts.output)
+    remove_stale(opts.output, failures_path)
+    handler = JointScorerHandler(str(opts.checkpoint) if opts.checkpoint else None, opts.device,
+                                 opts.torch_threads, opts.batch_size)
+
+    pipeline = test_pipeline or beam.Pipeline(options=options)
+    read = pipeline | "ReadQueries" >> ReadQueries(opts.queries, require_candidates=True)
+    routed = read["queries"] | "RouteRequests" >> RouteRequests(store.path, store.buckets)
+    rows = (routed["routed"]
+            | "ScorePairs" >> ScorePairs(store.path, handler)
+            | "RankScores" >> RankScores(opts.fusion, opts.fusion_weight, opts.top_k))
+    _ = rows | "WriteScores" >> WriteRows(opts.output, fmt, scores_schema(opts.fusion != "none"))
+    failures = (read["failures"], routed["failures"]) | "AllFailures" >> beam.Flatten()
+    _ = failures | "WriteFailures" >> WriteRows(failures_path, "jsonl")
+    result = pipeline.run()
+    result.wait_until_finish()
+    return summarize(opts.output, fmt, failures_path, time.time() - started)
+
+
+def summarize(output, fmt, failures_path, seconds):
+    from schemas import storage
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+        with storage.open_read(output) as f:
+            import pyarrow as pa
+            table = pq.read_table(pa.PythonFile(f, mode="r"), columns=["query_id"])
+        pairs, queries = table.num_rows, len(set(table.column(0).to_pylist()))
+    else:
+        ids = [json.loads(line)["query_id"] for line in _read_lines(output)]
+        pairs, queries = len(ids), len(set(ids))
+    reasons = {}
+    for line in _read_lines(failures_path):
+        r = json.loads(line)["reason"]
+        reasons[r] = reasons.get(r, 0) + 1
+    return {"output": output, "queries_scored": queries, "pairs": pairs, "failures": sum(reasons.values()),
+            "failure_reasons": reasons, "failures_file": failures_path, "wall_seconds": round(seconds, 2)}
+
+
+def _read_lines(path):
+    from schemas import storage
+    with storage.open_read(path) as f:
+        for line in f.read().decode("utf-8").splitlines():
+            if line.strip():
+                yield line
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    summary = run(argv)
+    if summary is not None:
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
+    finish(0)

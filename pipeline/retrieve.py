@@ -1,0 +1,191 @@
+"""Retrieve: query texts -> exact cosine top-k candidates from a store's embeddings (Beam).
+
+    python -m pipeline.retrieve --runner=DirectRunner \\
+        --queries queries.jsonl --store STORE --top_k 20 --output candidates.jsonl \\
+        [--checkpoint DIR] [--failures FAILURES.jsonl] [--batch_size N] [--device cpu|cuda]
+
+Each query text is encoded by the checkpoint's backbone text tower; every store shard is scored
+against all queries in blocks (memory bounded by the blocks, not by the store) and the per-shard
+top-k lists are merged per query. The output is the query file format: each input record with
+all its fields, ``candidates`` (min(top_k, store rows) image ids, best first) and
+``candidate_scores`` (cosine similarities, descending; ties: image_id ascending) set, ready for
+``pipeline.rerank``. Malformed queries go to the failures file (``file:line``), always written.
+"""
+import argparse
+import json
+import logging
+import posixpath
+import sys
+import time
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from models.checkpoint import CheckpointError, fingerprint
+from pipeline._cli import add_flag, finish
+from schemas import queries as Q
+from schemas import storage
+from schemas.reader import StoreError, TokenStore
+from transforms.read_queries import ReadQueries, plan_query_files
+from transforms.text_handler import TextModelHandler
+from transforms.topk_search import DEFAULT_BLOCK_ROWS, DEFAULT_QUERY_BLOCK, NAMESPACE, SearchTopK
+
+log = logging.getLogger(__name__)
+
+
+class RetrieveOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        add_flag(parser, "--queries", help="query files: JSONL or Parquet (query_id, text; other fields "
+                 "pass through); globs, several patterns separated by commas")
+        add_flag(parser, "--store", help="token store directory (local path or gs://, s3://, ... URL)")
+        add_flag(parser, "--top_k", type=int, default=20,
+                 help="candidates per query; a store with fewer rows gives all of its rows")
+        add_flag(parser, "--output", help="output JSONL file (exactly this file): the query records "
+                 "with candidates and candidate_scores set")
+        add_flag(parser, "--failures", default=None,
+                 help="failure records, JSONL; default: <output without extension>.failures.jsonl "
+                      "(always written, possibly empty)")
+        add_flag(parser, "--checkpoint", default=None,
+                 help="checkpoint directory (config.json + model.safetensors); default: the embedded "
+                      "demo checkpoint. Must be the checkpoint the store was built with")
+        add_flag(parser, "--batch_size", type=int, default=64, help="query texts per text-encoder forward pass")
+        add_flag(parser, "--device", default="cpu", help="cpu, cuda or cuda:N (text encoder)")
+        add_flag(parser, "--torch_threads", type=int, default=1,
+                 help="torch intra-op threads per worker; fixed so that results do not depend on the "
+                      "machine (parallelism comes from Beam workers)")
+        add_flag(parser, "--block_rows", type=int, default=DEFAULT_BLOCK_ROWS,
+                 help="store rows read and scored at a time")
+        add_flag(parser, "--query_block", type=int, default=DEFAULT_QUERY_BLOCK,
+                 help="queries per score block; a worker holds one query_block x block_rows float32 "
+                      "score block")
+
+
+def _usage_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.retrieve", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Standard Beam flags (--runner, --direct_num_workers, --direct_running_mode, "
+               "Dataflow and Flink options) pass through.")
+    RetrieveOptions._add_argparse_args(parser)
+    return parser
+
+
+def default_failures_path(output: str) -> str:
+    return posixpath.splitext(output)[0] + ".failures.jsonl"
+
+
+def open_store(store: str, checkpoint) -> TokenStore:
+    """The store, refused (SystemExit) unless it was built with this checkpoint."""
+    try:
+        opened = TokenStore(store)
+        opened.require_fingerprint(fingerprint(checkpoint))
+    except (StoreError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return opened
+
+
+def float32_repr(x: float) -> float:
+    """The shortest decimal that reads back as the same float32 (scores are float32)."""
+    return float(str(np.float32(x)))
+
+
+def attach_candidates(element):
+    """(query_id, {"query": [record], "hits": [[(score, image_id)]]}) -> the output record."""
+    _, grouped = element
+    hits = grouped["hits"][0] if grouped["hits"] else []
+    out = dict(grouped["query"][0])
+    out[Q.CANDIDATES] = [image_id for _, image_id in hits]
+    out[Q.CANDIDATE_SCORES] = [float32_repr(score) for score, _ in hits]
+    return out
+
+
+class _Count(beam.DoFn):
+    def __init__(self, name):
+        self.name = name
+        self.counter = Metrics.counter(NAMESPACE, name)
+
+    def process(self, element):
+        self.counter.inc()
+        yield element
+
+
+def run(argv=None, test_pipeline=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        _usage_parser().print_help()
+        return None
+    options = PipelineOptions(argv)
+    opts = options.view_as(RetrieveOptions)
+    if not opts.queries or not opts.store or not opts.output:
+        _usage_parser().error("--queries, --store and --output are required")
+    if min(opts.top_k, opts.batch_size, opts.torch_threads, opts.block_rows, opts.query_block) < 1:
+        _usage_parser().error("--top_k, --batch_size, --torch_threads, --block_rows and --query_block must be >= 1")
+    failures_path = opts.failures or default_failures_path(opts.output)
+    if failures_path == opts.output:
+        _usage_parser().error("--failures must differ from --output")
+    started = time.time()
+    store = opts.store.rstrip("/")
+    opened = open_store(store, opts.checkpoint)
+    if not plan_query_files(opts.queries):
+        raise SystemExit(f"error: no query files match {opts.queries!r}")
+
+    handler = KeyedModelHandler(TextModelHandler(
+        str(opts.checkpoint) if opts.checkpoint else None, device=opts.device,
+        torch_threads=opts.torch_threads, batch_size=opts.batch_size))
+    pipeline = test_pipeline or beam.Pipeline(options=options)
+    read = pipeline | "ReadQueries" >> ReadQueries(opts.queries, require_candidates=False)
+    hits = (read["queries"]
+            | "QueryTexts" >> beam.Map(lambda q: (q[Q.QUERY_ID], q[Q.TEXT]))
+            | "EncodeQueries" >> RunInference(handler)
+            | "SearchTopK" >> SearchTopK(store, opts.top_k, opts.block_rows, opts.query_block))
+    _ = ({"query": read["queries"] | "KeyQueries" >> beam.Map(lambda q: (q[Q.QUERY_ID], q)), "hits": hits}
+         | "JoinHits" >> beam.CoGroupByKey()
+         | "AttachCandidates" >> beam.Map(attach_candidates)
+         | "CountQueries" >> beam.ParDo(_Count("queries"))
+         | "QueriesToJson" >> beam.Map(Q.to_json_line)
+         | "WriteCandidates" >> beam.io.WriteToText(opts.output, shard_name_template="", num_shards=1))
+    _ = (read["failures"]
+         | "CountFailures" >> beam.ParDo(_Count("failures"))
+         | "FailuresToJson" >> beam.Map(Q.to_json_line)
+         | "WriteFailures" >> beam.io.WriteToText(failures_path, shard_name_template="", num_shards=1))
+
+    result = pipeline.run()
+    result.wait_until_finish()
+    counts = _counters(result) or {"queries": _count_lines(opts.output), "failures": _count_lines(failures_path)}
+    return {"queries": counts.get("queries", 0), "failures": counts.get("failures", 0),
+            "output": opts.output, "failures_file": failures_path, "store": store,
+            "store_rows": len(opened), "top_k": opts.top_k, "wall_seconds": round(time.time() - started, 2)}
+
+
+def _counters(result) -> dict:
+    from apache_beam.metrics.metric import MetricsFilter
+    try:
+        counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+    except (AttributeError, NotImplementedError):  # runners without metric support
+        return {}
+    totals = {}
+    for c in counters:
+        value = c.committed if c.committed is not None else c.attempted
+        totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + (value or 0)
+    return totals
+
+
+def _count_lines(path: str) -> int:
+    with storage.open_read(path) as f:
+        return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    summary = run(argv)
+    if summary is not None:
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
+    finish(0)
