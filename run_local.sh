@@ -29,13 +29,22 @@ case "$mode" in
     ;;
   demo)
     DEMO=${EDJE_DEMO_DIR:-.demo}
-    if [ ! -f "$DEMO/shards/00002.tar" ]; then
-      "$VENV/bin/python" -m pipeline.make_demo_shards --output "$DEMO/shards" --shards 3 --per_shard 24
+    PYBIN="$VENV/bin/python"
+    if [ ! -f "$DEMO/shards/queries.jsonl" ]; then
+      "$PYBIN" -m pipeline.make_demo_shards --output "$DEMO/shards" --shards 3 --per_shard 24
     fi
-    "$VENV/bin/python" -m pipeline.precompute --runner=DirectRunner \
+    echo "== precompute: shards -> token store ($DEMO/store)"
+    "$PYBIN" -m pipeline.precompute --runner=DirectRunner \
       --input "$DEMO/shards/{00000..00002}.tar" --output "$DEMO/store"
-    "$VENV/bin/python" -m pipeline.verify --store "$DEMO/store" --no_hash > "$DEMO/verify.json" \
-      && echo "verify: ok ($DEMO/verify.json)"
+    "$PYBIN" -m pipeline.verify --store "$DEMO/store" --no_hash > "$DEMO/verify.json" \
+      && echo "   verify: ok ($DEMO/verify.json)"
+    echo "== retrieve: top-20 candidates per query from the stored embeddings"
+    "$PYBIN" -m pipeline.retrieve --runner=DirectRunner --queries "$DEMO/shards/queries.jsonl" \
+      --store "$DEMO/store" --top_k 20 --output "$DEMO/candidates.jsonl"
+    echo "== rerank: joint encoder over query text + stored tokens"
+    "$PYBIN" -m pipeline.rerank --runner=DirectRunner --queries "$DEMO/candidates.jsonl" \
+      --store "$DEMO/store" --output "$DEMO/scores.parquet"
+    echo "Done. The demo checkpoint is random: its rankings mean nothing yet."
     ;;
   *)
     echo "usage: ./run_local.sh [test [pytest args...]]" >&2

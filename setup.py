@@ -8,8 +8,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["pipeline", "transforms", "models", "schemas"]),
-    package_data={"models": ["default/*.json", "default/*.safetensors"]},
+    # models.default holds no code, only the embedded checkpoint (package data).
+    packages=find_packages(include=["pipeline", "transforms", "models", "schemas"]) + ["models.default"],
+    package_data={"models.default": ["*.json", "*.safetensors"]},
     include_package_data=True,
     install_requires=[
         "apache-beam>=2.60",
