@@ -60,6 +60,12 @@ class PrecomputeOptions(PipelineOptions):
                             help="tar members larger than this are not read (recorded as failures)")
         add_flag(parser, "--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS,
                             help="images with more pixels are refused from their header, before decoding")
+        add_flag(parser, "--max_failure_rate", type=float, default=0.5,
+                 help="failure budget per shard: if more than this fraction of a shard's samples fail "
+                      "(duplicates and unreadable shards aside), nothing of it is committed and the job "
+                      "exits non-zero naming the worst shards")
+        add_flag(parser, "--failure_budget_min_samples", type=int, default=20,
+                 help="the budget applies to shards with at least this many samples")
         add_flag(parser, "--index_buckets", type=int, default=0,
                             help="number of id index files; 0 picks one per ~64 shards (power of two)")
         add_flag(parser, "--progress", default="auto", choices=["auto", "on", "off"],
@@ -149,6 +155,8 @@ def run(argv=None, test_pipeline=None):
         _usage_parser().error("--input and --output are required")
     if opts.batch_size < 1 or opts.torch_threads < 1 or opts.index_buckets < 0:
         _usage_parser().error("--batch_size and --torch_threads must be >= 1, --index_buckets >= 0")
+    if not 0 <= opts.max_failure_rate <= 1:
+        _usage_parser().error("--max_failure_rate must be between 0 and 1")
     started = time.time()
     store = opts.output.rstrip("/")
 
@@ -168,7 +176,8 @@ def run(argv=None, test_pipeline=None):
         num_tokens=model["num_tokens"], token_dim=model["token_dim"], embedding_dim=model["embedding_dim"],
         batch_size=opts.batch_size, device=opts.device, precision=opts.precision,
         torch_threads=opts.torch_threads, max_member_bytes=opts.max_member_bytes,
-        max_pixels=opts.max_image_pixels)
+        max_pixels=opts.max_image_pixels, max_failure_rate=opts.max_failure_rate,
+        failure_budget_min_samples=opts.failure_budget_min_samples)
     producer = {"quantization": QUANT_SCHEME, "batch_size": opts.batch_size, "precision": opts.precision,
                 "torch_threads": opts.torch_threads, "device": opts.device}
 
@@ -199,7 +208,21 @@ def run(argv=None, test_pipeline=None):
     manifest = mf.read(store)
     summary = summarize(manifest, store, time.time() - started, plan)
     summary["metrics"] = beam_counters(result)
+    over = [s for s in manifest["failed_shards"] if s.get("status") == shard_stats.STATUS_OVER_BUDGET]
+    if over:
+        worst = sorted(over, key=lambda s: -s["bad_samples"] / max(1, s["bad_samples"] + s["rows"]))[:5]
+        raise FailureBudgetExceeded(summary, f"error: {len(over)} shard(s) over the failure budget "
+                                             f"(--max_failure_rate {opts.max_failure_rate}); nothing of them was "
+                                             f"committed: " + "; ".join(f"{s['source']}: {s['reason']}" for s in worst))
     return summary
+
+
+class FailureBudgetExceeded(SystemExit):
+    """The job finished, but some shards had too many bad samples. ``summary`` is still set."""
+
+    def __init__(self, summary, message):
+        super().__init__(message)
+        self.summary = summary
 
 
 def beam_counters(result) -> dict:

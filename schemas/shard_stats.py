@@ -9,7 +9,8 @@ from schemas import storage
 FORMAT = "edje-shard-stats"
 MAX_BYTES = 16 << 20
 STATUS_OK = "ok"
-STATUS_FAILED = "failed"
+STATUS_FAILED = "failed"  # unreadable: a failure record, no token file
+STATUS_OVER_BUDGET = "over_budget"  # too many bad samples: nothing committed
 
 
 def path(store: str, name: str) -> str:

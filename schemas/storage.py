@@ -139,8 +139,11 @@ class _HashingWriter:
         return False
 
 
-def write_parquet_atomic(final_path, schema, batches, row_group_size):
-    """Streams record batches into a temp file, then renames it; returns {bytes, sha256}."""
+def write_parquet_atomic(final_path, schema, batches, row_group_size, commit_if=None):
+    """Streams record batches into a temp file, then renames it; returns {bytes, sha256}.
+
+    ``commit_if``: called once the file is complete; if it returns False the temp file is
+    deleted instead of renamed (and None is returned)."""
     tmp = temp_path_for(final_path)
     raw = FileSystems.create(tmp, mime_type="application/octet-stream",
                              compression_type=CompressionTypes.UNCOMPRESSED)
@@ -154,5 +157,8 @@ def write_parquet_atomic(final_path, schema, batches, row_group_size):
         delete_quietly([tmp])
         raise
     sink.close()
+    if commit_if is not None and not commit_if():
+        delete_quietly([tmp])
+        return None
     commit(tmp, final_path)
     return {"bytes": sink.size, "sha256": sink.sha.hexdigest()}

@@ -42,6 +42,7 @@ def mixed(tmp_path_factory):
         ("cmyk.jpg", jpeg((0, 255, 0, 0), mode="CMYK")),
         ("good_a.jpg", jpeg("yellow")),  # the key again, later in the shard: a duplicate
         ("caption.png", _png()), ("caption.txt", b"\xff\xfe bad utf8 " + b"x" * 10000),
+        *ODD_BUT_VALID,
     ])
     (d / "00003.tar").write_bytes(b"<html>not a tar</html>" * 50)
     write_tar(d / "cut.tar", demo_members(4, 4))
@@ -51,6 +52,27 @@ def mixed(tmp_path_factory):
     store = tmp_path_factory.mktemp("mixed_store") / "store"
     summary = run_precompute(f"{d}/*", store, "--batch_size", "4")
     return d, store, summary
+
+
+def _encoded(im, fmt, **kw):
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _animated_gif():
+    frames = [Image.new("RGB", (12, 12), c) for c in ("red", "blue", "green")]
+    return _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:])
+
+
+ODD_BUT_VALID = [  # must be encoded, not failed
+    ("mode16.png", _encoded(Image.fromarray(np.full((20, 30), 40000, np.uint16)), "PNG")),
+    ("palette.gif", _encoded(Image.new("P", (20, 20), 3), "GIF", transparency=0)),
+    ("rgba.png", _encoded(Image.new("RGBA", (20, 20), (0, 0, 255, 128)), "PNG")),
+    ("onepixel.bmp", _encoded(Image.new("RGB", (1, 1), "white"), "BMP")),
+    ("animated.gif", _animated_gif()),
+    ("nocaption.webp", _encoded(Image.new("RGB", (20, 20), "blue"), "WEBP")),
+]
 
 
 def _png():
@@ -76,7 +98,8 @@ def test_mixed_input_every_good_sample_once_every_bad_one_recorded(mixed):
     assert len(ids) == len(set(ids))
     truncated = {i for i in ids if i.startswith("00004")}
     assert 0 < len(truncated) < 4
-    assert set(ids) == expected_good | {"good_a", "cmyk", "caption"} | truncated
+    odd = {name.split(".")[0] for name, _ in ODD_BUT_VALID}
+    assert set(ids) == expected_good | {"good_a", "cmyk", "caption"} | odd | truncated
     assert summary["images"] == len(ids) == manifest["totals"]["rows"]
     metrics = summary["metrics"]  # the Beam counters every runner reports
     assert metrics["images_ok"] == len(ids) and metrics["shards_written"] == 4
@@ -194,3 +217,59 @@ def test_same_bytes_whatever_the_batch_boundaries_of_bundles(demo_dir, demo_stor
 def test_no_input_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no input shards"):
         run_precompute(f"{tmp_path}/nothing-*.tar", tmp_path / "s")
+
+
+def test_failure_budget_commits_nothing_for_a_mostly_bad_shard(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    write_tar(d / "00000.tar", demo_members(0, 6))
+    bad = [(f"b{i:03d}.jpg", b"\xff\xd8 broken") for i in range(15)] + demo_members(1, 5)
+    write_tar(d / "00001.tar", bad)
+    store = tmp_path / "store"
+    with pytest.raises(SystemExit, match="00001.tar: failure budget exceeded: 15 of 20") as err:
+        run_precompute(f"{d}/*.tar", store, "--failure_budget_min_samples", "10")
+    assert err.value.summary["images"] == 6
+    manifest = mf.read(str(store))
+    assert [s["name"] for s in manifest["shards"]] == ["00000"]
+    assert manifest["failed_shards"][0]["status"] == "over_budget"
+    assert not (store / "shards" / "00001.parquet").exists() and not (store / "failures" / "00001.parquet").exists()
+    assert verify(str(store))["ok"]
+    # A looser budget commits it, bad samples recorded; the good shard is reused.
+    summary = run_precompute(f"{d}/*.tar", store, "--failure_budget_min_samples", "10", "--max_failure_rate", "0.8")
+    assert summary["images"] == 11 and summary["failures"] == 15
+
+
+def test_non_finite_model_output_fails_the_sample_not_the_job(tmp_path, demo_dir):
+    cfg, backbone, adapter, _ = small_checkpoint(tmp_path / "ok")
+    with torch.no_grad():
+        adapter.projection.bias[0] = float("nan")
+    from models.checkpoint import load_joint_encoder, save_checkpoint
+    joint, _, _, _ = load_joint_encoder(tmp_path / "ok")
+    save_checkpoint(tmp_path / "nan", cfg, {"backbone": backbone, "adapter": adapter, "joint": joint})
+    store = tmp_path / "store"
+    summary = run_precompute(f"{demo_dir}/00000.tar", store, "--checkpoint", str(tmp_path / "nan"),
+                             "--max_failure_rate", "1")
+    assert summary["images"] == 0 and summary["failures"] == 8
+    failures = pq.read_table(store / "failures" / "00000.parquet").to_pylist()
+    assert {f["stage"] for f in failures} == {"encode"} and "non-finite" in failures[0]["reason"]
+
+
+def test_corrupt_header_and_empty_shards(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    write_tar(d / "00000.tar", demo_members(0, 4))
+    members = demo_members(1, 4)
+    write_tar(d / "00001.tar", members)
+    data = bytearray((d / "00001.tar").read_bytes())
+    offset = sum(512 + -(-len(b) // 512) * 512 for _, b in members[:6])  # header of the 7th member
+    data[offset + 148: offset + 156] = b"99999999"  # break its header checksum
+    (d / "00001.tar").write_bytes(bytes(data))
+    write_tar(d / "00002.tar", [])  # a valid, empty tar
+    (d / "00003.tar").write_bytes(b"")  # a zero-byte file
+    store = tmp_path / "store"
+    summary = run_precompute(f"{d}/*.tar", store)
+    manifest = mf.read(str(store))
+    rows = {s["name"]: s["rows"] for s in manifest["shards"]}
+    assert rows["00000"] == 4 and rows["00001"] == 2 and rows["00002"] == 0
+    assert manifest["shards"][1]["error"] and [s["name"] for s in manifest["failed_shards"]] == ["00003"]
+    assert verify(str(store))["ok"] and summary["images"] == 6

@@ -83,3 +83,16 @@ def test_output_names_are_stable_and_collision_free():
     names = [s.name for s in specs]
     assert len(set(names)) == 3 and names[1] == "00001" and names[0].startswith("00000-")
     assert assign_names(["/d/b/00000.tar", "/d/a/00000.tar", "/d/a/00001.tar"]) == specs
+
+
+def test_corrupt_header_is_reported_not_taken_for_the_end(tmp_path):
+    members = [(f"{i:03d}.jpg", bytes([i]) * 700) for i in range(5)]
+    write_tar(tmp_path / "a.tar", members)
+    data = bytearray((tmp_path / "a.tar").read_bytes())
+    data[3 * 1536 + 148: 3 * 1536 + 156] = b"12345670"  # checksum field of the 4th header
+    (tmp_path / "bad.tar").write_bytes(bytes(data))
+    got = []
+    with pytest.raises(ShardReadError, match="corrupt tar header"):
+        with open(tmp_path / "bad.tar", "rb") as f:
+            got.extend(iter_samples(f))
+    assert [s.key for s in got] == ["000", "001", "002"]

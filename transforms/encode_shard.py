@@ -33,6 +33,20 @@ NAMESPACE = "edje_precompute"
 ENCODE_SETTINGS = ("batch_size", "precision", "torch_threads", "device", "max_member_bytes", "max_pixels")
 
 
+def bad_samples(failures) -> int:
+    """Samples that failed, not counting duplicates or shard-level records."""
+    return sum(1 for f in failures if f[C.IMAGE_ID] is not None and f[C.STAGE] != C.STAGE_DEDUP)
+
+
+def over_budget(bad: int, rows: int, max_rate: float, min_samples: int):
+    """A reason string if the shard's bad samples exceed the budget, else None (below
+    ``min_samples`` samples a rate says too little to fail a job on)."""
+    samples = rows + bad
+    if samples >= min_samples and bad > max_rate * samples:
+        return f"failure budget exceeded: {bad} of {samples} samples failed ({bad / samples:.0%} > {max_rate:.0%})"
+    return None
+
+
 @dataclass(frozen=True)
 class EncodeConfig:
     store: str
@@ -47,6 +61,8 @@ class EncodeConfig:
     torch_threads: int = 1
     max_member_bytes: int = 64 << 20
     max_pixels: int = 89_478_485
+    max_failure_rate: float = 0.5
+    failure_budget_min_samples: int = 20
 
 
 def _caption(data: Optional[bytes]):
@@ -129,21 +145,31 @@ class EncodeShardFn(beam.DoFn):
             failures.append({C.IMAGE_ID: image_id, C.SOURCE: spec.source, C.STAGE: stage, C.REASON: reason})
 
         shard_error = None
-        readable = True
+        status = shard_stats.STATUS_OK
         batches = self._encode(spec, drop_ids, fail, counts)
         shard_path = f"{C.SHARDS_DIR}/{spec.name}.parquet"
+        budget = {}
+
+        def within_budget():
+            budget["reason"] = over_budget(bad_samples(failures), counts["rows"], self.cfg.max_failure_rate,
+                                           self.cfg.failure_budget_min_samples)
+            return budget["reason"] is None
+
         try:
             shard_file = storage.write_parquet_atomic(storage.join(self.cfg.store, shard_path), self._schema,
-                                               batches, TOKEN_ROW_GROUP_SIZE)
+                                                      batches, TOKEN_ROW_GROUP_SIZE, commit_if=within_budget)
         except _ShardUnreadable as e:
-            readable, shard_error = False, str(e)
+            status, shard_error = shard_stats.STATUS_FAILED, str(e)
             fail(None, C.STAGE_READ, shard_error)
         else:
             shard_error = counts.get("shard_error")
-            if shard_error:
+            if shard_file is None:
+                status, shard_error = shard_stats.STATUS_OVER_BUDGET, budget["reason"]
+            elif shard_error:
                 fail(None, C.STAGE_READ, shard_error)
+        readable = status == shard_stats.STATUS_OK
         failures_file = None
-        if failures:
+        if failures and status != shard_stats.STATUS_OVER_BUDGET:
             failures_path = f"{C.FAILURES_DIR}/{spec.name}.parquet"
             table = pa.Table.from_pylist(failures, FAILURE_SCHEMA)
             failures_file = storage.write_parquet_atomic(storage.join(self.cfg.store, failures_path), FAILURE_SCHEMA,
@@ -152,8 +178,9 @@ class EncodeShardFn(beam.DoFn):
         rec = {
             "name": spec.name, "source": spec.source, "ordinal": spec.ordinal,
             "fingerprint": self.cfg.fingerprint, "drop_digest": digest,
-            "status": shard_stats.STATUS_OK if readable else shard_stats.STATUS_FAILED,
-            "rows": counts["rows"], "failed": len(failures), "duplicates": counts["duplicates"],
+            "status": status,
+            "rows": counts["rows"], "failed": failures_file["rows"] if failures_file else 0,
+            "duplicates": counts["duplicates"], "bad_samples": bad_samples(failures),
             "shard": dict(shard_file, path=shard_path) if readable else None,
             "failures": failures_file, "reason": shard_error,
             **{k: getattr(self.cfg, k) for k in ENCODE_SETTINGS},
@@ -161,9 +188,11 @@ class EncodeShardFn(beam.DoFn):
         }
         shard_stats.write(self.cfg.store, rec)
         self.images_ok.inc(counts["rows"])
-        self.images_failed.inc(len(failures))
+        self.images_failed.inc(rec["failed"])
         self.bytes_written.inc((shard_file["bytes"] if readable else 0) + (failures_file or {}).get("bytes", 0))
         (self.shards_written if readable else self.shards_failed).inc()
+        if status == shard_stats.STATUS_OVER_BUDGET:
+            log.error("%s: %s; nothing committed for it", spec.source, shard_error)
         yield rec
 
     def _encode(self, spec, drop_ids, fail, counts):

@@ -1,6 +1,7 @@
 """Safe image decoding: size checked from the header before pixels are decoded, odd but valid
 modes (CMYK, 16-bit, palette, alpha, animated) normalised to 8-bit RGB."""
 import io
+import re
 import warnings
 
 import numpy as np
@@ -50,4 +51,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     except Image.DecompressionBombError as e:
         raise DecodeError(f"decompression bomb refused: {e}") from e
     except Exception as e:  # Pillow raises many types for broken data
-        raise DecodeError(f"undecodable image ({type(e).__name__}: {e})") from e
+        # Drop object addresses ("<_io.BytesIO object at 0x7f...>"): failure records must be
+        # byte-identical from run to run.
+        detail = re.sub(r" at 0x[0-9a-fA-F]+", "", str(e))
+        raise DecodeError(f"undecodable image ({type(e).__name__}: {detail})") from e

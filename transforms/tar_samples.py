@@ -69,6 +69,7 @@ def iter_samples(fileobj, read_data: bool = True, max_member_bytes: int = DEFAUL
                 members[ext] = data
             else:
                 members[ext] = None
+        _check_end(tar)
     except (tarfile.TarError, EOFError, OSError, ValueError, ShardReadError) as e:
         if key is not None and members:
             yield Sample(key, members, problems)
@@ -78,3 +79,14 @@ def iter_samples(fileobj, read_data: bool = True, max_member_bytes: int = DEFAUL
         tar.close()
     if key is not None:
         yield Sample(key, members, problems)
+
+
+def _check_end(tar) -> None:
+    """tarfile ends iteration silently at a corrupt header after the first member; a real end of
+    archive is followed by zero blocks only, so anything else left in the stream is damage."""
+    while True:
+        block = tar.fileobj.read(1 << 20)
+        if not block:
+            return
+        if block.strip(b"\0"):
+            raise ShardReadError("corrupt tar header: data follows what tarfile took for the end of the archive")

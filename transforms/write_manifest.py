@@ -24,7 +24,8 @@ def build_manifest(records, index_files, *, buckets, model, inputs, missing, pro
         "failed": r["failed"], "duplicates": r["duplicates"], "bytes": r["shard"]["bytes"],
         "sha256": r["shard"]["sha256"], "failures": _file_entry(r["failures"]), "error": r.get("reason"),
     } for r in ok]
-    failed_shards = [{"name": r["name"], "source": r["source"], "reason": r.get("reason"),
+    failed_shards = [{"name": r["name"], "source": r["source"], "status": r["status"], "reason": r.get("reason"),
+                      "rows": r["rows"], "bad_samples": r.get("bad_samples", 0),
                       "failures": _file_entry(r["failures"])} for r in bad]
     index_files = sorted(index_files, key=lambda f: f["bucket"])
     return {
