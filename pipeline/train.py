@@ -1,0 +1,481 @@
+"""Train: the demo's backbone (stage ``clip``) and EDJE's adapter + joint encoder (stage ``edje``).
+
+    python -m pipeline.train --stage all --data 'scenes/train/*.tar' --output runs/demo --device cuda
+
+Stage ``clip``: a small open_clip model trained contrastively on the scenes (the first-stage
+retriever and frozen backbone of the demo), until validation T2I R@1 stops improving.
+Stage ``edje``: backbone frozen; its patch tokens are computed once for all training images;
+adapter + joint encoder (MiniLM, first ``--joint_layers`` layers; word embeddings frozen) are
+trained with EDJE's listwise ITM objective in both directions: for each caption, its image
+against the hardest in-batch images (mined with the frozen backbone's own embeddings, masking the
+same image and identical captions) plus one random image; likewise for each image over captions.
+Batches are built from whole scene groups, so a scene's colour- and relation-swapped siblings are
+in the batch. Writes ``OUTPUT/checkpoint`` (config.json + model.safetensors); seeded; resumable
+from ``OUTPUT/<stage>/state.pt`` (tensors only, loaded with weights_only=True).
+"""
+import argparse
+import glob
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import braceexpand
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.adapter import AdapterConfig, TokenCompressionAdapter
+from models.backbone import Backbone, BackboneConfig
+from models.checkpoint import CheckpointConfig, save_checkpoint
+from models.joint_encoder import MINILM_PACKAGE, JointEncoder, JointEncoderConfig, Tokenizer
+from models.losses import clip_loss, hardest_negatives, listwise_itm_loss, random_negatives
+from pipeline._cli import finish
+from transforms.image_decode import decode_image
+from transforms.tar_samples import iter_samples
+
+log = logging.getLogger("train")
+
+DEMO_CLIP = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 192, "layers": 4, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
+}
+
+
+def local_shards(pattern: str):
+    """Training reads local files: braces and globs, sorted."""
+    return sorted({p for part in braceexpand.braceexpand(pattern) for p in glob.glob(part)})
+
+
+def load_scenes(pattern: str, transform, limit: int = 0):
+    """Scene shards -> dict(keys, captions, groups, images (N, 3, H, W) float32, relevant)."""
+    keys, captions, groups, images = [], [], [], []
+    paths = local_shards(pattern)
+    for path in paths:
+        with open(path, "rb") as f:
+            for s in iter_samples(f):
+                ext = s.image_extension()
+                if ext is None or "txt" not in s.members:
+                    continue
+                meta = json.loads(s.members["json"]) if "json" in s.members else {}
+                keys.append(s.key)
+                captions.append(s.members["txt"].decode("utf-8").strip())
+                groups.append(int(meta.get("group", len(groups))))
+                images.append(transform(decode_image(s.members[ext])))
+                if limit and len(keys) >= limit:
+                    break
+        if limit and len(keys) >= limit:
+            break
+    if not keys:
+        raise SystemExit(f"error: no training samples in {pattern}")
+    # Relevant sets from the split's queries.jsonl (a scene drawn twice answers both captions).
+    position = {k: i for i, k in enumerate(keys)}
+    relevant = [[i] for i in range(len(keys))]
+    queries = os.path.join(os.path.dirname(paths[0]), "queries.jsonl")
+    if os.path.exists(queries):
+        with open(queries) as f:
+            for line in f:
+                q = json.loads(line)
+                if q["query_id"] in position:
+                    relevant[position[q["query_id"]]] = [position[r] for r in q.get("relevant", []) if r in position]
+    return {"keys": keys, "captions": captions, "groups": np.array(groups), "images": torch.stack(images),
+            "relevant": relevant, "caption_ids": torch.as_tensor(np.unique(captions, return_inverse=True)[1])}
+
+
+def split_validation(groups: np.ndarray, fraction: float):
+    """Whole groups go to validation by a stable hash of the group id."""
+    val_groups = {g for g in set(groups.tolist())
+                  if int(hashlib.sha256(str(g).encode()).hexdigest(), 16) % 1000 < fraction * 1000}
+    val = np.array([g in val_groups for g in groups])
+    return np.flatnonzero(~val), np.flatnonzero(val)
+
+
+def group_batches(indices: np.ndarray, groups: np.ndarray, batch_size: int, rng: np.random.Generator):
+    """Endless batches of whole groups (a scene and its hard variants train together)."""
+    by_group = {}
+    for i in indices:
+        by_group.setdefault(groups[i], []).append(i)
+    ids = np.array(sorted(by_group))
+    while True:
+        rng.shuffle(ids)
+        batch = []
+        for g in ids:
+            batch.extend(by_group[g])
+            if len(batch) >= batch_size:
+                yield np.array(batch[:batch_size])
+                batch = []
+
+
+def identical(caption_ids: torch.Tensor, idx) -> torch.Tensor:
+    """(B, B) True where two batch items have the same caption text (ids from np.unique)."""
+    c = caption_ids[torch.as_tensor(idx, device=caption_ids.device)]
+    return c[:, None] == c[None, :]
+
+
+def cosine_schedule(step, total, warmup):
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+class Trainer:
+    """Shared loop: seeded, resumable, time-boxed, early stopping on a validation metric."""
+
+    def __init__(self, args, stage_dir: Path, params, lr):
+        self.args, self.dir = args, stage_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+        self.step, self.best, self.bad_evals, self.history = 0, -1.0, 0, []
+
+    def state_path(self):
+        return self.dir / "state.pt"
+
+    def save(self, modules):
+        state = {"step": torch.tensor(self.step), "best": torch.tensor(self.best),
+                 "bad_evals": torch.tensor(self.bad_evals), "optimizer": self.opt.state_dict(),
+                 **{f"module.{k}": m.state_dict() for k, m in modules.items()}}
+        tmp = self.state_path().with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.state_path())
+        (self.dir / "history.json").write_text(json.dumps(self.history, indent=1))
+
+    def resume(self, modules) -> bool:
+        if not self.state_path().exists():
+            return False
+        state = torch.load(self.state_path(), map_location="cpu", weights_only=True)
+        for k, m in modules.items():
+            m.load_state_dict(state[f"module.{k}"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.best = int(state["step"]), float(state["best"])
+        self.bad_evals = int(state["bad_evals"])
+        if (self.dir / "history.json").exists():
+            self.history = json.loads((self.dir / "history.json").read_text())
+        log.info("resumed %s at step %d", self.dir, self.step)
+        return True
+
+    def set_lr(self, base_lrs):
+        f = cosine_schedule(self.step, self.args.max_steps, self.args.warmup)
+        for group, base in zip(self.opt.param_groups, base_lrs):
+            group["lr"] = base * f
+
+    def after_eval(self, metric, record, modules) -> bool:
+        """Logs, checkpoints the best, returns True to stop (plateau)."""
+        record.update(step=self.step, metric=metric)
+        self.history.append(record)
+        tqdm.write(json.dumps(record))
+        if metric > self.best + 1e-4:
+            self.best, self.bad_evals = metric, 0
+            torch.save({k: m.state_dict() for k, m in modules.items()}, self.dir / "best.pt")
+        else:
+            self.bad_evals += 1
+        self.save(modules)
+        return self.bad_evals >= self.args.patience
+
+
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+
+
+# ---------------------------------------------------------------- stage clip
+def train_clip(args, data, train_idx, val_idx) -> Path:
+    out = Path(args.output) / "clip"
+    torch.manual_seed(args.seed)
+    cfg = BackboneConfig(model_config=json.loads(args.clip_config) if args.clip_config else DEMO_CLIP)
+    backbone = Backbone(cfg).to(args.device)
+    tokenizer = backbone.tokenizer()
+    texts = tokenizer(data["captions"]).to(args.device)
+    images = data["images"].to(args.device)
+    caption_ids = data["caption_ids"].to(args.device)
+    trainer = Trainer(args, out, backbone.parameters(), args.lr_clip)
+    modules = {"backbone": backbone}
+    if (out / "done.json").exists():
+        return out
+    trainer.resume(modules)
+    rng = np.random.default_rng([args.seed, trainer.step])
+    batches = group_batches(train_idx, data["groups"], args.batch_size, rng)
+    started, bar = time.time(), tqdm(total=args.max_steps, initial=trainer.step, desc="clip", dynamic_ncols=True)
+    while trainer.step < args.max_steps and time.time() - started < args.max_minutes_clip * 60:
+        idx = next(batches)
+        backbone.train()
+        trainer.set_lr([args.lr_clip])
+        with autocast(args.device):
+            img = backbone(images[idx])[0]
+            txt = F.normalize(backbone.clip.encode_text(texts[idx]).float(), dim=-1)
+            loss = clip_loss(img, txt, backbone.clip.logit_scale, identical(caption_ids, idx))
+        trainer.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(backbone.parameters(), 1.0)
+        trainer.opt.step()
+        trainer.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if trainer.step % args.eval_every == 0 or trainer.step == args.max_steps:
+            rec = eval_clip(backbone, images, texts, val_idx, data["groups"], args.device)
+            rec["loss"] = round(loss.item(), 4)
+            if trainer.after_eval(rec["val_t2i_r1"], rec, modules):
+                break
+    bar.close()
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True) if (out / "best.pt").exists() else None
+    if best:
+        backbone.load_state_dict(best["backbone"])
+    save_checkpoint(out / "backbone", CheckpointConfig(cfg, AdapterConfig(input_dim=backbone.width, num_heads=1)),
+                    {"backbone": backbone, "adapter": TokenCompressionAdapter(AdapterConfig(input_dim=backbone.width, num_heads=1))})
+    (out / "done.json").write_text(json.dumps({"step": trainer.step, "best_val_t2i_r1": trainer.best,
+                                               "seconds": round(time.time() - started, 1)}))
+    return out
+
+
+@torch.no_grad()
+def eval_clip(backbone, images, texts, val_idx, groups, device):
+    backbone.eval()
+    with autocast(device):
+        img = torch.cat([backbone(images[val_idx[i:i + 512]])[0] for i in range(0, len(val_idx), 512)])
+        txt = torch.cat([F.normalize(backbone.clip.encode_text(texts[val_idx[i:i + 512]]).float(), dim=-1)
+                         for i in range(0, len(val_idx), 512)])
+    sim = txt @ img.t()
+    r1 = (sim.argmax(1) == torch.arange(len(sim), device=sim.device)).float().mean().item()
+    return {"val_t2i_r1": round(100 * r1, 2), "val_group_acc": round(100 * group_accuracy(sim, groups[val_idx]), 2)}
+
+
+def group_accuracy(sim: torch.Tensor, groups: np.ndarray) -> float:
+    """Caption -> its own image among its group's images (chance: 1 / group size)."""
+    g = torch.as_tensor(groups, device=sim.device)
+    same = g[:, None] == g[None, :]
+    masked = sim.masked_fill(~same, float("-inf"))
+    return (masked.argmax(1) == torch.arange(len(sim), device=sim.device)).float().mean().item()
+
+
+# ---------------------------------------------------------------- stage edje
+def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
+    from models.checkpoint import load_vision_encoder
+    out = Path(args.output) / "edje"
+    torch.manual_seed(args.seed + 1)
+    encoder, _, _ = load_vision_encoder(clip_dir / "backbone", args.device)
+    backbone = encoder.backbone
+    tok_clip = backbone.tokenizer()
+    with torch.no_grad(), autocast(args.device):
+        patch, img_emb, txt_emb = [], [], []
+        for i in range(0, len(data["keys"]), 512):
+            e, p = backbone(data["images"][i:i + 512].to(args.device))
+            patch.append(p.float())
+            img_emb.append(e.float())
+            txt_emb.append(backbone.encode_text(tok_clip(data["captions"][i:i + 512]).to(args.device)).float())
+    patch, img_emb, txt_emb = torch.cat(patch), torch.cat(img_emb), torch.cat(txt_emb)
+    adapter_cfg = AdapterConfig(num_tokens=args.num_tokens, input_dim=backbone.width, output_dim=384,
+                                num_heads=max(1, backbone.width // 32), mlp_dim=4 * backbone.width)
+    joint_cfg = JointEncoderConfig(base_model=MINILM_PACKAGE, bert_overrides={"num_hidden_layers": args.joint_layers},
+                                   max_text_tokens=args.max_text_tokens)
+    adapter = TokenCompressionAdapter(adapter_cfg).to(args.device)
+    joint = JointEncoder(joint_cfg).to(args.device)
+    joint.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # comes from the MiniLM package
+    tokenizer = Tokenizer(joint_cfg)
+    ids, mask = tokenizer(data["captions"])
+    ids, mask = ids.to(args.device), mask.to(args.device)
+    caption_ids = data["caption_ids"].to(args.device)
+    params = [{"params": adapter.parameters(), "lr": args.lr_adapter},
+              {"params": [p for p in joint.bert.parameters() if p.requires_grad], "lr": args.lr_joint},
+              {"params": joint.head.parameters(), "lr": args.lr_adapter}]
+    base_lrs = [args.lr_adapter, args.lr_joint, args.lr_adapter]
+    trainer = Trainer(args, out, params, args.lr_joint)
+    modules = {"adapter": adapter, "joint": joint}
+    cfg = CheckpointConfig(backbone.cfg, adapter_cfg, joint_cfg, description=args.description)
+    if not (out / "done.json").exists():
+        trainer.resume(modules)
+        rng = np.random.default_rng([args.seed, 1, trainer.step])
+        gen = torch.Generator(device=args.device).manual_seed(args.seed + trainer.step)
+        batches = group_batches(train_idx, data["groups"], args.batch_size_edje, rng)
+        started = time.time()
+        bar = tqdm(total=args.max_steps, initial=trainer.step, desc="edje", dynamic_ncols=True)
+        while trainer.step < args.max_steps and time.time() - started < args.max_minutes_edje * 60:
+            idx = torch.as_tensor(next(batches), device=args.device)
+            adapter.train(), joint.train()
+            trainer.set_lr(base_lrs)
+            hard = 0 if trainer.step < args.random_only_steps else args.hard_negatives
+            loss, acc = edje_step(adapter, joint, patch, img_emb, txt_emb, ids, mask, idx,
+                                  identical(caption_ids, idx), hard, gen, args.device)
+            trainer.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
+            trainer.opt.step()
+            trainer.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
+            if trainer.step % args.eval_every == 0 or trainer.step == args.max_steps:
+                rec = eval_edje(adapter, joint, patch, ids, mask, val_idx, data["groups"], args.device)
+                rec["loss"] = round(loss.item(), 4)
+                if trainer.after_eval(rec["val_group_acc"], rec, modules):
+                    break
+        bar.close()
+        (out / "done.json").write_text(json.dumps({"step": trainer.step, "best_val_group_acc": trainer.best,
+                                                   "seconds": round(time.time() - started, 1)}))
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True) if (out / "best.pt").exists() else None
+    if best:
+        adapter.load_state_dict(best["adapter"])
+        joint.load_state_dict(best["joint"])
+    joint_state = {k: v for k, v in joint.state_dict().items() if k != "bert.embeddings.word_embeddings.weight"}
+    final = Path(args.output) / "checkpoint"
+    fp = save_checkpoint(final, cfg, {"backbone": backbone, "adapter": adapter, "joint": joint_state},
+                         dtype=torch.float16)
+    log.info("wrote %s (fingerprint %s)", final, fp)
+    return final
+
+
+def edje_step(adapter, joint, patch, img_emb, txt_emb, ids, mask, idx, same_caption, hard, gen, device):
+    """One listwise ITM loss over a batch, both directions. Returns (loss, t2i accuracy)."""
+    b = len(idx)
+    not_neg = same_caption | torch.eye(b, dtype=torch.bool, device=device)
+    sim = txt_emb[idx] @ img_emb[idx].t()  # captions x images, from the frozen backbone
+    lists_t2i, lists_i2t = [torch.arange(b, device=device)[:, None]], [torch.arange(b, device=device)[:, None]]
+    if hard:
+        lists_t2i.append(hardest_negatives(sim, hard, not_neg))
+        lists_i2t.append(hardest_negatives(sim.t(), hard, not_neg.t()))
+    lists_t2i.append(random_negatives(not_neg, gen)[:, None])
+    lists_i2t.append(random_negatives(not_neg.t(), gen)[:, None])
+    t2i, i2t = torch.cat(lists_t2i, 1), torch.cat(lists_i2t, 1)  # (b, n) batch positions
+    rows = torch.arange(b, device=device)[:, None]
+    cap = torch.cat([rows.expand_as(t2i), i2t]).reshape(-1)  # caption position per pair
+    img = torch.cat([t2i, rows.expand_as(i2t)]).reshape(-1)  # image position per pair
+    with autocast(device):
+        tokens = adapter(patch[idx])
+        logits = joint(ids[idx][cap], mask[idx][cap], tokens[img]).float().reshape(2 * b, -1)
+    loss = listwise_itm_loss(logits)
+    acc = (logits[:b].argmax(1) == 0).float().mean().item()
+    return loss, acc
+
+
+@torch.no_grad()
+def eval_edje(adapter, joint, patch, ids, mask, val_idx, groups, device):
+    """Caption -> own image among its group (and image -> own caption): the hard-pair accuracy."""
+    adapter.eval(), joint.eval()
+    g = groups[val_idx]
+    by_group = {}
+    for pos, gid in enumerate(g):
+        by_group.setdefault(gid, []).append(pos)
+    correct_t2i = correct_i2t = total = 0
+    vidx = torch.as_tensor(val_idx, device=device)
+    with autocast(device):
+        tokens = torch.cat([adapter(patch[vidx[i:i + 512]]) for i in range(0, len(vidx), 512)]).float()
+    for members in by_group.values():
+        n = len(members)
+        m = torch.as_tensor(members, device=device)
+        cap = m.repeat_interleave(n)
+        img = m.repeat(n)
+        with autocast(device):
+            s = joint(ids[vidx[cap]], mask[vidx[cap]], tokens[img]).float().reshape(n, n)
+        target = torch.arange(n, device=device)
+        correct_t2i += (s.argmax(1) == target).sum().item()
+        correct_i2t += (s.argmax(0) == target).sum().item()
+        total += n
+    return {"val_group_acc": round(100 * correct_t2i / total, 2), "val_group_acc_i2t": round(100 * correct_i2t / total, 2)}
+
+
+@torch.no_grad()
+def test_rerank_gain(checkpoint: Path, pattern: str, device: str, top_k: int = 20, limit: int = 0) -> dict:
+    """Quick check on a test split without Beam: T2I R@1/5 of the first stage (backbone cosine over
+    the whole split) vs the joint encoder reranking its top-k (fp32 tokens)."""
+    from models.checkpoint import load_joint_encoder, load_vision_encoder
+    encoder, _, _ = load_vision_encoder(checkpoint, device)
+    joint, tokenizer, _, _ = load_joint_encoder(checkpoint, device)
+    data = load_scenes(pattern, encoder.backbone.image_transform(), limit)
+    tok_clip = encoder.backbone.tokenizer()
+    toks, img, txt = [], [], []
+    with autocast(device):
+        for i in range(0, len(data["keys"]), 512):
+            t, e = encoder(data["images"][i:i + 512].to(device))
+            toks.append(t.float()), img.append(e.float())
+            txt.append(encoder.backbone.encode_text(tok_clip(data["captions"][i:i + 512]).to(device)).float())
+    toks, img, txt = torch.cat(toks), torch.cat(img), torch.cat(txt)
+    sim = txt @ img.t()
+    cand = sim.topk(top_k, dim=1).indices  # (N, k)
+    n = len(sim)
+    ids, mask = tokenizer(data["captions"])
+    ids, mask = ids.to(device), mask.to(device)
+    scores = []
+    for i in range(0, n, 64):
+        c = cand[i:i + 64]
+        q = torch.arange(i, i + len(c), device=device).repeat_interleave(top_k)
+        with autocast(device):
+            scores.append(joint(ids[q], mask[q], toks[c.reshape(-1)]).float().reshape(len(c), top_k))
+    reranked = torch.gather(cand, 1, torch.cat(scores).argsort(1, descending=True))
+
+    hit = torch.zeros(n, n, dtype=torch.bool, device=device)
+    for i, rel in enumerate(data["relevant"]):
+        hit[i, rel] = True
+
+    def recall(order, k):
+        return round(100 * torch.gather(hit, 1, order[:, :k]).any(1).float().mean().item(), 2)
+    return {"queries": n, "top_k": top_k, "first_stage_R@1": recall(cand, 1), "first_stage_R@5": recall(cand, 5),
+            "reranked_R@1": recall(reranked, 1), "reranked_R@5": recall(reranked, 5),
+            "candidate_recall": recall(cand, top_k)}
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", choices=["clip", "edje", "all"], default="all")
+    ap.add_argument("--data", required=True, help="training scene shards (pipeline.make_scenes --split train)")
+    ap.add_argument("--output", required=True, help="run directory; the checkpoint lands in OUTPUT/checkpoint")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=0, help="use only the first N samples (quick runs)")
+    ap.add_argument("--val_fraction", type=float, default=0.05)
+    ap.add_argument("--clip_config", default=None, help="open_clip model config as JSON (default: the demo's)")
+    ap.add_argument("--batch_size", type=int, default=256, help="clip stage batch (whole scene groups)")
+    ap.add_argument("--batch_size_edje", type=int, default=64)
+    ap.add_argument("--lr_clip", type=float, default=1e-3)
+    ap.add_argument("--lr_adapter", type=float, default=3e-4)
+    ap.add_argument("--lr_joint", type=float, default=5e-5)
+    ap.add_argument("--weight_decay", type=float, default=0.05)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--max_steps", type=int, default=100_000, help="per stage; the schedule's length")
+    ap.add_argument("--max_minutes_clip", type=float, default=4.0)
+    ap.add_argument("--max_minutes_edje", type=float, default=5.0)
+    ap.add_argument("--eval_every", type=int, default=200)
+    ap.add_argument("--patience", type=int, default=5, help="evaluations without improvement before stopping")
+    ap.add_argument("--num_tokens", type=int, default=16, help="adapter output tokens m")
+    ap.add_argument("--joint_layers", type=int, default=3, help="MiniLM layers kept in the joint encoder")
+    ap.add_argument("--max_text_tokens", type=int, default=32)
+    ap.add_argument("--hard_negatives", type=int, default=3)
+    ap.add_argument("--random_only_steps", type=int, default=300, help="curriculum: random negatives first")
+    ap.add_argument("--description", default="EDJE demo checkpoint trained on the compositional scenes benchmark")
+    ap.add_argument("--test_data", default=None, help="scene shards of a test split: report the rerank gain at the end")
+    return ap.parse_args(argv)
+
+
+def run(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    clip_dir = Path(args.output) / "clip"
+    cfg = BackboneConfig(model_config=json.loads(args.clip_config) if args.clip_config else DEMO_CLIP)
+    transform = Backbone(cfg, load_pretrained=False).image_transform()
+    data = load_scenes(args.data, transform, args.limit)
+    train_idx, val_idx = split_validation(data["groups"], args.val_fraction)
+    log.info("%d training samples (%d validation)", len(train_idx), len(val_idx))
+    if args.stage in ("clip", "all"):
+        clip_dir = train_clip(args, data, train_idx, val_idx)
+    if args.stage in ("edje", "all"):
+        final = train_edje(args, data, train_idx, val_idx, clip_dir)
+        if args.test_data:
+            metrics = test_rerank_gain(final, args.test_data, args.device)
+            (Path(args.output) / "test_metrics.json").write_text(json.dumps(metrics, indent=1))
+            log.info("test split: %s", metrics)
+        return final
+    return clip_dir
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(run(argv))
+
+
+if __name__ == "__main__":
+    main()
+    finish(0)
