@@ -1,0 +1,52 @@
+"""A short real training run on CPU: both stages, the checkpoint it writes, resume."""
+import json
+
+import pytest
+import torch
+
+from models.checkpoint import load_joint_encoder, load_vision_encoder
+from pipeline import make_scenes, train
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    d = tmp_path_factory.mktemp("scenes")
+    make_scenes.main(["--split", "train", "--n", "96", "--seed", "3", "--output", str(d / "train")])
+    make_scenes.main(["--split", "test", "--n", "16", "--seed", "4", "--output", str(d / "test")])
+    return d
+
+
+ARGS = ["--device", "cpu", "--batch_size", "32", "--batch_size_edje", "8", "--eval_every", "10",
+        "--max_steps", "20", "--warmup", "2", "--random_only_steps", "5", "--joint_layers", "1",
+        "--num_tokens", "4", "--max_text_tokens", "24", "--val_fraction", "0.25", "--patience", "10",
+        "--clip_config", json.dumps({"embed_dim": 32, "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 64,
+                                                                      "layers": 1, "head_width": 32},
+                                     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32,
+                                                  "heads": 1, "layers": 1}})]
+
+
+def test_short_training_run_lowers_the_loss_and_writes_a_usable_checkpoint(scenes, tmp_path, capsys):
+    out = tmp_path / "run"
+    final = train.run(["--data", f"{scenes}/train/*.tar", "--test_data", f"{scenes}/test/*.tar",
+                       "--output", str(out), *ARGS])
+    clip = json.loads((out / "clip" / "history.json").read_text())
+    edje = json.loads((out / "edje" / "history.json").read_text())
+    assert clip[-1]["loss"] < clip[0]["loss"] < 10 and len(edje) == 2
+    assert {"val_group_acc", "val_group_acc_i2t"} <= set(edje[0])
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert metrics["queries"] == 16 and 0 <= metrics["reranked_R@1"] <= 100
+    # The checkpoint is a normal one: both halves load, tokens fit the joint encoder.
+    encoder, cfg, fp = load_vision_encoder(final)
+    joint, tokenizer, _, fp2 = load_joint_encoder(final)
+    assert fp == fp2 and cfg.adapter.output_dim == joint.hidden_size and cfg.joint_encoder.base_model
+    tokens, _ = encoder(torch.zeros(2, 3, 64, 64))
+    ids, mask = tokenizer(["a red circle left of a blue square"] * 2)
+    assert joint(ids, mask, tokens).shape == (2,)
+    # word embeddings are not stored: they come from the MiniLM package
+    from safetensors import safe_open
+    with safe_open(str(final / "model.safetensors"), "pt") as f:
+        assert "joint.bert.embeddings.word_embeddings.weight" not in f.keys()
+    # Rerunning resumes from the finished stages instead of training again.
+    before = (out / "edje" / "done.json").read_text()
+    train.run(["--data", f"{scenes}/train/*.tar", "--output", str(out), *ARGS])
+    assert (out / "edje" / "done.json").read_text() == before
