@@ -44,6 +44,9 @@ case "$mode" in
     echo "== rerank: joint encoder over query text + stored tokens"
     "$PYBIN" -m pipeline.rerank --runner=DirectRunner --queries "$DEMO/candidates.jsonl" \
       --store "$DEMO/store" --output "$DEMO/scores.parquet"
+    echo "== evaluate: recall@k, first stage vs reranked ($DEMO/report)"
+    "$PYBIN" -m pipeline.evaluate --queries "$DEMO/candidates.jsonl" --scores "$DEMO/scores.parquet" \
+      --output "$DEMO/report" --images "$DEMO/shards/{00000..00002}.tar" --strips 4
     echo "Done. The demo checkpoint is random: its rankings mean nothing yet."
     ;;
   *)

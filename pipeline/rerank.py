@@ -27,7 +27,7 @@ from transforms.rank_scores import FUSIONS, RankScores
 from transforms.read_queries import ReadQueries
 from transforms.route_requests import RouteRequests
 from transforms.score_pairs import ScorePairs
-from transforms.write_output import WriteRows, output_format, remove_stale
+from transforms.write_output import WriteRows, failures_path_for, output_format, remove_stale
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,6 @@ def _usage_parser():
                                      epilog="Standard Beam flags (--runner, --direct_num_workers, ...) pass through.")
     RerankOptions._add_argparse_args(parser)
     return parser
-
-
-def failures_path_for(output: str) -> str:
-    stem = output.rsplit(".", 1)[0] if "." in output.rsplit("/", 1)[-1] else output
-    return stem + ".failures.jsonl"
 
 
 def run(argv=None, test_pipeline=None):

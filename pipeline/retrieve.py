@@ -14,7 +14,6 @@ all its fields, ``candidates`` (min(top_k, store rows) image ids, best first) an
 import argparse
 import json
 import logging
-import posixpath
 import sys
 import time
 
@@ -32,6 +31,7 @@ from schemas.reader import StoreError, TokenStore
 from transforms.read_queries import ReadQueries, plan_query_files
 from transforms.text_handler import TextModelHandler
 from transforms.topk_search import DEFAULT_BLOCK_ROWS, DEFAULT_QUERY_BLOCK, NAMESPACE, SearchTopK
+from transforms.write_output import WriteRows, failures_path_for, remove_stale
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,6 @@ def _usage_parser():
                "Dataflow and Flink options) pass through.")
     RetrieveOptions._add_argparse_args(parser)
     return parser
-
-
-def default_failures_path(output: str) -> str:
-    return posixpath.splitext(output)[0] + ".failures.jsonl"
 
 
 def open_store(store: str, checkpoint) -> TokenStore:
@@ -124,7 +120,7 @@ def run(argv=None, test_pipeline=None):
         _usage_parser().error("--queries, --store and --output are required")
     if min(opts.top_k, opts.batch_size, opts.torch_threads, opts.block_rows, opts.query_block) < 1:
         _usage_parser().error("--top_k, --batch_size, --torch_threads, --block_rows and --query_block must be >= 1")
-    failures_path = opts.failures or default_failures_path(opts.output)
+    failures_path = opts.failures or failures_path_for(opts.output)
     if failures_path == opts.output:
         _usage_parser().error("--failures must differ from --output")
     started = time.time()
@@ -132,6 +128,7 @@ def run(argv=None, test_pipeline=None):
     opened = open_store(store, opts.checkpoint)
     if not plan_query_files(opts.queries):
         raise SystemExit(f"error: no query files match {opts.queries!r}")
+    remove_stale(opts.output, failures_path)
 
     handler = KeyedModelHandler(TextModelHandler(
         str(opts.checkpoint) if opts.checkpoint else None, device=opts.device,
@@ -146,12 +143,10 @@ def run(argv=None, test_pipeline=None):
          | "JoinHits" >> beam.CoGroupByKey()
          | "AttachCandidates" >> beam.Map(attach_candidates)
          | "CountQueries" >> beam.ParDo(_Count("queries"))
-         | "QueriesToJson" >> beam.Map(Q.to_json_line)
-         | "WriteCandidates" >> beam.io.WriteToText(opts.output, shard_name_template="", num_shards=1))
+         | "WriteCandidates" >> WriteRows(opts.output, "jsonl"))
     _ = (read["failures"]
          | "CountFailures" >> beam.ParDo(_Count("failures"))
-         | "FailuresToJson" >> beam.Map(Q.to_json_line)
-         | "WriteFailures" >> beam.io.WriteToText(failures_path, shard_name_template="", num_shards=1))
+         | "WriteFailures" >> WriteRows(failures_path, "jsonl"))
 
     result = pipeline.run()
     result.wait_until_finish()

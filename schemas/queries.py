@@ -116,7 +116,3 @@ def parse_line(line: bytes, source: str, require_candidates: bool):
         return validate(obj, require_candidates), None
     except QueryError as e:
         return None, failure(e.reason, source, query_id=e.query_id, detail=e.detail)
-
-
-def to_json_line(q: dict) -> str:
-    return json.dumps(q, ensure_ascii=False, separators=(",", ":"))

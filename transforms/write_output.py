@@ -4,6 +4,7 @@ Beam's file sinks write temporary files and rename them when the job commits, so
 leaves no output at that name (jobs delete a stale one before they start).
 """
 import json
+import posixpath
 
 import apache_beam as beam
 import pyarrow as pa
@@ -15,6 +16,11 @@ def output_format(path: str, requested: str = "auto") -> str:
     if requested != "auto":
         return requested
     return "jsonl" if path.lower().endswith((".jsonl", ".json")) else "parquet"
+
+
+def failures_path_for(output: str) -> str:
+    """Default failure-record file beside an output: ``scores.parquet`` -> ``scores.failures.jsonl``."""
+    return posixpath.splitext(output)[0] + ".failures.jsonl"
 
 
 def remove_stale(*paths) -> None:
