@@ -55,7 +55,7 @@ def local_shards(pattern: str):
 
 def load_scenes(pattern: str, transform, limit: int = 0):
     """Scene shards -> dict(keys, captions, groups, images (N, 3, H, W) float32, relevant)."""
-    keys, captions, groups, images = [], [], [], []
+    keys, captions, groups, images, variants = [], [], [], [], []
     paths = local_shards(pattern)
     for path in paths:
         with open(path, "rb") as f:
@@ -64,6 +64,7 @@ def load_scenes(pattern: str, transform, limit: int = 0):
                 if ext is None or "txt" not in s.members:
                     continue
                 meta = json.loads(s.members["json"]) if "json" in s.members else {}
+                variants.append(int(meta.get("variant", -1)))
                 keys.append(s.key)
                 captions.append(s.members["txt"].decode("utf-8").strip())
                 groups.append(int(meta.get("group", len(groups))))
@@ -85,7 +86,8 @@ def load_scenes(pattern: str, transform, limit: int = 0):
                 if q["query_id"] in position:
                     relevant[position[q["query_id"]]] = [position[r] for r in q.get("relevant", []) if r in position]
     return {"keys": keys, "captions": captions, "groups": np.array(groups), "images": torch.stack(images),
-            "relevant": relevant, "caption_ids": torch.as_tensor(np.unique(captions, return_inverse=True)[1])}
+            "relevant": relevant, "caption_ids": torch.as_tensor(np.unique(captions, return_inverse=True)[1]),
+            "variants": np.array(variants)}
 
 
 def split_validation(groups: np.ndarray, fraction: float):
@@ -311,7 +313,8 @@ def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
             if trainer.step % args.eval_every == 0 or trainer.step == args.max_steps:
-                rec = eval_edje(adapter, joint, patch, ids, mask, val_idx, data["groups"], args.device)
+                rec = eval_edje(adapter, joint, patch, ids, mask, val_idx, data["groups"], args.device,
+                                data["variants"])
                 rec["loss"] = round(loss.item(), 4)
                 if trainer.after_eval(rec["val_group_acc"], rec, modules):
                     break
@@ -354,10 +357,12 @@ def edje_step(adapter, joint, patch, img_emb, txt_emb, ids, mask, idx, same_capt
 
 
 @torch.no_grad()
-def eval_edje(adapter, joint, patch, ids, mask, val_idx, groups, device):
-    """Caption -> own image among its group (and image -> own caption): the hard-pair accuracy."""
+def eval_edje(adapter, joint, patch, ids, mask, val_idx, groups, device, variants=None):
+    """Caption -> own image among its group (and image -> own caption): the hard-pair accuracy,
+    also per variant (which minimal change the encoder misses)."""
     adapter.eval(), joint.eval()
     g = groups[val_idx]
+    per_variant = {}
     by_group = {}
     for pos, gid in enumerate(g):
         by_group.setdefault(gid, []).append(pos)
@@ -373,10 +378,18 @@ def eval_edje(adapter, joint, patch, ids, mask, val_idx, groups, device):
         with autocast(device):
             s = joint(ids[vidx[cap]], mask[vidx[cap]], tokens[img]).float().reshape(n, n)
         target = torch.arange(n, device=device)
-        correct_t2i += (s.argmax(1) == target).sum().item()
+        hits = (s.argmax(1) == target).tolist()
+        correct_t2i += sum(hits)
         correct_i2t += (s.argmax(0) == target).sum().item()
         total += n
-    return {"val_group_acc": round(100 * correct_t2i / total, 2), "val_group_acc_i2t": round(100 * correct_i2t / total, 2)}
+        if variants is not None:
+            for pos, hit in zip(members, hits):
+                v = int(variants[val_idx[pos]])
+                per_variant.setdefault(v, []).append(hit)
+    out = {"val_group_acc": round(100 * correct_t2i / total, 2), "val_group_acc_i2t": round(100 * correct_i2t / total, 2)}
+    if per_variant:
+        out["val_variant_acc"] = {f"v{v}": round(100 * sum(h) / len(h), 2) for v, h in sorted(per_variant.items())}
+    return out
 
 
 @torch.no_grad()
