@@ -41,7 +41,6 @@ def _write_one(args):
 
 def plain_loop(ckpt, shard_paths, batch_size, precision):
     """The same work without Beam: read, decode, preprocess, forward, quantize."""
-    from models.checkpoint import load_vision_encoder
     from models.quantization import quantize_int8
     from transforms.image_decode import decode_image
     from transforms.tar_samples import iter_samples
@@ -71,7 +70,6 @@ def plain_loop(ckpt, shard_paths, batch_size, precision):
 
 def forward_only(ckpt, batch_size, precision, iters=20):
     """GPU forward of backbone + adapter alone on a resident batch: the ceiling."""
-    from models.checkpoint import load_vision_encoder
     from transforms.vision_handler import PRECISIONS
     enc, _, _ = load_vision_encoder(ckpt, "cuda")
     x = torch.randn(batch_size, 3, 224, 224, device="cuda")
@@ -99,7 +97,6 @@ def run_job(ckpt, pattern, store, extra):
 def check_tokens(ckpt, store, shard_path):
     """Stored (GPU, maybe bf16) tokens vs an fp32 CPU forward of the same images."""
     import pyarrow.parquet as pq
-    from models.checkpoint import load_vision_encoder
     from models.quantization import decode_tokens
     from transforms.image_decode import decode_image
     from transforms.tar_samples import iter_samples

@@ -4,14 +4,16 @@
 get their own linear projections first), a pre-LayerNorm residual MLP refines them, and a linear
 layer maps them to the joint encoder's hidden width: (B, n, d_vision) -> (B, m, h).
 """
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from models.config import JsonConfig
+
 
 @dataclass(frozen=True)
-class AdapterConfig:
+class AdapterConfig(JsonConfig):
     num_tokens: int = 64
     input_dim: int = 768
     output_dim: int = 384
@@ -19,15 +21,6 @@ class AdapterConfig:
     mlp_dim: int = 3072
     layer_norm_eps: float = 1e-6
 
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown adapter config keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 class TokenCompressionAdapter(nn.Module):

@@ -1,7 +1,7 @@
 """Frozen open_clip backbone: one forward pass gives the pooled embedding and the patch tokens."""
 import copy
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import open_clip
@@ -9,11 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.config import JsonConfig
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class BackboneConfig:
+class BackboneConfig(JsonConfig):
     """Which open_clip model to build.
 
     Exactly one of ``model_name`` (an open_clip architecture, e.g. ``ViT-B-16``) or
@@ -31,15 +33,6 @@ class BackboneConfig:
         if (self.model_name is None) == (self.model_config is None):
             raise ValueError("backbone: set exactly one of model_name or model_config")
 
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown backbone config keys: {sorted(unknown)}")
-        return cls(**d)
 
     def describe(self) -> str:
         if self.model_name:

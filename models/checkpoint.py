@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -189,15 +188,8 @@ def load_joint_encoder(path=None, device="cpu"):
         raise CheckpointError(f"{path}: this checkpoint has no joint encoder (config.json joint_encoder is null)")
     model = JointEncoder(cfg.joint_encoder, load_base_weights=True)
     state = _split(load_file(str(path / WEIGHTS_FILE)), "joint.")
-    own = model.state_dict()
-    need = {f"bert.{k}" for k in model.bert.base_missing_keys} | {k for k in own if k.startswith("head.")}
-    missing = sorted(need - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
-        raise CheckpointError(f"joint encoder weights do not match the config: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}, wrong shape {shapes[:5]}")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+    need = {f"bert.{k}" for k in model.bert.base_missing_keys} | {k for k in model.state_dict() if k.startswith("head.")}
+    _load_checked(model, state, need, "joint encoder")
     if cfg.adapter.output_dim != model.hidden_size:
         raise CheckpointError(f"adapter output_dim {cfg.adapter.output_dim} != joint encoder width "
                               f"{model.hidden_size}")
@@ -207,15 +199,20 @@ def load_joint_encoder(path=None, device="cpu"):
     return model, Tokenizer(cfg.joint_encoder), cfg, fingerprint(path)
 
 
-def _load_strict(module, state, what):
+def _load_checked(module, state, required, what):
+    """Loads ``state`` into ``module``: every ``required`` key present, no unknown key, shapes equal."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
+    missing = sorted(set(required) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or shapes:
         raise CheckpointError(f"{what} weights do not match the config: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}, wrong shape {shapes[:5]}")
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+
+
+def _load_strict(module, state, what):
+    _load_checked(module, state, module.state_dict().keys(), what)
 
 
 def save_checkpoint(path, cfg: CheckpointConfig, modules: dict, dtype=None) -> str:

@@ -8,7 +8,7 @@ the other texts in its batch. The pooler output feeds a linear head: one logit p
 import hashlib
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import List, Optional
@@ -16,6 +16,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 from torch import nn
+
+from models.config import JsonConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ def base_weights_sha256(name_or_path: str) -> str:
 
 
 @dataclass(frozen=True)
-class JointEncoderConfig:
+class JointEncoderConfig(JsonConfig):
     """``base_model``: MiniLM package name or a BERT directory (config, tokenizer, weights).
     ``bert_overrides``: BertConfig fields changed from the base (e.g. ``num_hidden_layers`` to keep
     the first N layers); with ``base_model`` None they are the whole config of a fresh model
@@ -68,15 +70,6 @@ class JointEncoderConfig:
     tokenizer: Optional[str] = None
     max_text_tokens: int = 64
 
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown joint_encoder config keys: {sorted(unknown)}")
-        return cls(**d)
 
     def tokenizer_path(self) -> Path:
         return resolve_base_model(self.tokenizer or self.base_model or MINILM_PACKAGE)

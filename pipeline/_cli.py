@@ -27,3 +27,50 @@ def add_flag(parser, *names, **kwargs):
     if any(name in parser._option_string_actions for name in names):
         return
     parser.add_argument(*names, **kwargs)
+
+
+class BeamJobCLI:
+    """What every Beam job's launcher shares: ``--help`` built from the job's own options class
+    (Beam's parser would list every job's flags), required flags, usage errors."""
+
+    EPILOG = ("Standard Beam flags (--runner, --direct_num_workers, --direct_running_mode, "
+              "Dataflow and Flink options) pass through.")
+
+    def __init__(self, prog: str, doc: str, options_cls):
+        self.prog, self.doc, self.options_cls = prog, doc, options_cls
+
+    def usage(self):
+        import argparse
+        parser = argparse.ArgumentParser(prog=self.prog, description=self.doc, epilog=self.EPILOG,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.options_cls._add_argparse_args(parser)
+        return parser
+
+    def error(self, message: str):
+        self.usage().error(message)
+
+    def parse(self, argv, required=()):
+        """-> (PipelineOptions, the job's view), or None after printing --help."""
+        from apache_beam.options.pipeline_options import PipelineOptions
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if "-h" in argv or "--help" in argv:
+            self.usage().print_help()
+            return None
+        options = PipelineOptions(argv)
+        opts = options.view_as(self.options_cls)
+        missing = [f"--{name}" for name in required if not getattr(opts, name)]
+        if missing:
+            self.error(f"{', '.join(missing)} required")
+        return options, opts
+
+
+def open_store_for(store: str, checkpoint):
+    """The store, refused with a clear message unless valid and built with this checkpoint."""
+    from models.checkpoint import CheckpointError, fingerprint
+    from schemas.reader import StoreError, TokenStore
+    try:
+        opened = TokenStore(store)
+        opened.require_fingerprint(fingerprint(checkpoint))
+    except (StoreError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return opened

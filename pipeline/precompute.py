@@ -7,7 +7,6 @@
 One token shard per input shard, an id index, then ``manifest.json`` written last. Rerunning
 into the same store skips shards already committed with the same checkpoint.
 """
-import argparse
 import json
 import logging
 import sys
@@ -17,7 +16,7 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline._cli import add_flag, finish
+from pipeline._cli import BeamJobCLI, add_flag, finish
 from models.checkpoint import embedding_dim, fingerprint, read_config
 from schemas import columns as C
 from schemas import index as idx
@@ -72,14 +71,7 @@ class PrecomputeOptions(PipelineOptions):
                             help="tqdm progress bar (auto: on for local runners)")
 
 
-def _usage_parser():
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.precompute", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Standard Beam flags (--runner, --direct_num_workers, --direct_running_mode, "
-               "Dataflow and Flink options) pass through.")
-    PrecomputeOptions._add_argparse_args(parser)
-    return parser
+CLI = BeamJobCLI("python -m pipeline.precompute", __doc__, PrecomputeOptions)
 
 
 def check_store_compatible(store: str, fp: str, names) -> None:
@@ -145,18 +137,14 @@ class _Progress:
 
 
 def run(argv=None, test_pipeline=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        _usage_parser().print_help()
+    parsed = CLI.parse(argv, required=("input", "output"))
+    if parsed is None:
         return None
-    options = PipelineOptions(argv)
-    opts = options.view_as(PrecomputeOptions)
-    if not opts.input or not opts.output:
-        _usage_parser().error("--input and --output are required")
+    options, opts = parsed
     if opts.batch_size < 1 or opts.torch_threads < 1 or opts.index_buckets < 0:
-        _usage_parser().error("--batch_size and --torch_threads must be >= 1, --index_buckets >= 0")
+        CLI.error("--batch_size and --torch_threads must be >= 1, --index_buckets >= 0")
     if not 0 <= opts.max_failure_rate <= 1:
-        _usage_parser().error("--max_failure_rate must be between 0 and 1")
+        CLI.error("--max_failure_rate must be between 0 and 1")
     started = time.time()
     store = opts.output.rstrip("/")
 

@@ -10,17 +10,14 @@ shuffle. Output: one row per scored pair (query_id, image_id, rank, score, first
 Candidates not in the store, duplicate candidates and malformed queries are written to the
 failures file (JSONL), never silently dropped.
 """
-import argparse
 import json
 import logging
-import sys
 import time
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline._cli import add_flag, finish
-from schemas.reader import StoreError, TokenStore
+from pipeline._cli import BeamJobCLI, add_flag, finish, open_store_for
 from schemas.scores import scores_schema
 from transforms.joint_handler import JointScorerHandler
 from transforms.rank_scores import FUSIONS, RankScores
@@ -55,33 +52,20 @@ class RerankOptions(PipelineOptions):
         add_flag(parser, "--torch_threads", type=int, default=1, help="torch intra-op threads per worker")
 
 
-def _usage_parser():
-    parser = argparse.ArgumentParser(prog="python -m pipeline.rerank", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Standard Beam flags (--runner, --direct_num_workers, ...) pass through.")
-    RerankOptions._add_argparse_args(parser)
-    return parser
+CLI = BeamJobCLI("python -m pipeline.rerank", __doc__, RerankOptions)
 
 
 def run(argv=None, test_pipeline=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        _usage_parser().print_help()
+    parsed = CLI.parse(argv, required=("queries", "store", "output"))
+    if parsed is None:
         return None
-    options = PipelineOptions(argv)
-    opts = options.view_as(RerankOptions)
-    if not (opts.queries and opts.store and opts.output):
-        _usage_parser().error("--queries, --store and --output are required")
+    options, opts = parsed
     if opts.top_k < 0 or opts.batch_size < 1 or opts.torch_threads < 1:
-        _usage_parser().error("--top_k must be >= 0, --batch_size and --torch_threads >= 1")
-    from models.checkpoint import fingerprint, read_config
+        CLI.error("--top_k must be >= 0, --batch_size and --torch_threads >= 1")
+    from models.checkpoint import read_config
     if read_config(opts.checkpoint).joint_encoder is None:
         raise SystemExit("error: the checkpoint has no joint encoder")
-    try:
-        store = TokenStore(opts.store)
-        store.require_fingerprint(fingerprint(opts.checkpoint))
-    except StoreError as e:
-        raise SystemExit(f"error: {e}") from None
+    store = open_store_for(opts.store, opts.checkpoint)
     started = time.time()
     fmt = output_format(opts.output, opts.output_format)
     failures_path = opts.failures or failures_path_for(opts.output)

@@ -11,10 +11,8 @@ all its fields, ``candidates`` (min(top_k, store rows) image ids, best first) an
 ``candidate_scores`` (cosine similarities, descending; ties: image_id ascending) set, ready for
 ``pipeline.rerank``. Malformed queries go to the failures file (``file:line``), always written.
 """
-import argparse
 import json
 import logging
-import sys
 import time
 
 import apache_beam as beam
@@ -23,11 +21,9 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from models.checkpoint import CheckpointError, fingerprint
-from pipeline._cli import add_flag, finish
+from pipeline._cli import BeamJobCLI, add_flag, finish, open_store_for
 from schemas import queries as Q
 from schemas import storage
-from schemas.reader import StoreError, TokenStore
 from transforms.read_queries import ReadQueries, plan_query_files
 from transforms.text_handler import TextModelHandler
 from transforms.topk_search import DEFAULT_BLOCK_ROWS, DEFAULT_QUERY_BLOCK, NAMESPACE, SearchTopK
@@ -64,26 +60,6 @@ class RetrieveOptions(PipelineOptions):
                       "score block")
 
 
-def _usage_parser():
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.retrieve", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Standard Beam flags (--runner, --direct_num_workers, --direct_running_mode, "
-               "Dataflow and Flink options) pass through.")
-    RetrieveOptions._add_argparse_args(parser)
-    return parser
-
-
-def open_store(store: str, checkpoint) -> TokenStore:
-    """The store, refused (SystemExit) unless it was built with this checkpoint."""
-    try:
-        opened = TokenStore(store)
-        opened.require_fingerprint(fingerprint(checkpoint))
-    except (StoreError, CheckpointError) as e:
-        raise SystemExit(f"error: {e}") from None
-    return opened
-
-
 def float32_repr(x: float) -> float:
     """The shortest decimal that reads back as the same float32 (scores are float32)."""
     return float(str(np.float32(x)))
@@ -109,23 +85,22 @@ class _Count(beam.DoFn):
         yield element
 
 
+CLI = BeamJobCLI("python -m pipeline.retrieve", __doc__, RetrieveOptions)
+
+
 def run(argv=None, test_pipeline=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        _usage_parser().print_help()
+    parsed = CLI.parse(argv, required=("queries", "store", "output"))
+    if parsed is None:
         return None
-    options = PipelineOptions(argv)
-    opts = options.view_as(RetrieveOptions)
-    if not opts.queries or not opts.store or not opts.output:
-        _usage_parser().error("--queries, --store and --output are required")
+    options, opts = parsed
     if min(opts.top_k, opts.batch_size, opts.torch_threads, opts.block_rows, opts.query_block) < 1:
-        _usage_parser().error("--top_k, --batch_size, --torch_threads, --block_rows and --query_block must be >= 1")
+        CLI.error("--top_k, --batch_size, --torch_threads, --block_rows and --query_block must be >= 1")
     failures_path = opts.failures or failures_path_for(opts.output)
     if failures_path == opts.output:
-        _usage_parser().error("--failures must differ from --output")
+        CLI.error("--failures must differ from --output")
     started = time.time()
     store = opts.store.rstrip("/")
-    opened = open_store(store, opts.checkpoint)
+    opened = open_store_for(store, opts.checkpoint)
     if not plan_query_files(opts.queries):
         raise SystemExit(f"error: no query files match {opts.queries!r}")
     remove_stale(opts.output, failures_path)

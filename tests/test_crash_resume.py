@@ -1,5 +1,4 @@
 """Fault injection: a real precompute process killed with SIGKILL, then rerun."""
-import json
 import os
 import signal
 import subprocess

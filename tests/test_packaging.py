@@ -85,7 +85,7 @@ def test_wheel_built_from_the_sdist_imports_and_finds_the_default_checkpoint(sdi
 
 
 def precompute_flags():
-    flags = [s for a in precompute._usage_parser()._actions for s in a.option_strings if s.startswith("--")]
+    flags = [s for a in precompute.CLI.usage()._actions for s in a.option_strings if s.startswith("--")]
     # the contract's flags (DESIGN: pipeline.precompute CLI) must be among them
     for f in ("--input", "--output", "--checkpoint", "--batch_size", "--device"):
         assert f in flags

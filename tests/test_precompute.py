@@ -1,7 +1,6 @@
 """End to end through the real Beam DirectRunner, real Parquet files and the real open_clip model."""
 import io
 import json
-import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
