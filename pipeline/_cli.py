@@ -74,3 +74,26 @@ def open_store_for(store: str, checkpoint):
     except (StoreError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
     return opened
+
+
+def beam_counters(result, namespace: str) -> dict:
+    """A finished pipeline's counters in ``namespace``, summed over steps ({} if unsupported)."""
+    from apache_beam.metrics.metric import MetricsFilter
+    try:
+        counters = result.metrics().query(MetricsFilter().with_namespace(namespace))["counters"]
+    except (AttributeError, NotImplementedError):  # runners without metric support
+        return {}
+    totals = {}
+    for c in counters:
+        value = c.committed if c.committed is not None else c.attempted
+        totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + (value or 0)
+    return totals
+
+
+def job_main(run, argv=None, show=None):
+    """Runs a job from the command line: warnings-level logging, the JSON summary on stdout."""
+    import json
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    summary = run(argv)
+    if summary is not None:
+        (show or (lambda s: print(json.dumps(s))))(summary)

@@ -16,7 +16,7 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline._cli import BeamJobCLI, add_flag, finish
+from pipeline._cli import BeamJobCLI, add_flag, beam_counters, finish, job_main
 from models.checkpoint import embedding_dim, fingerprint, read_config
 from schemas import columns as C
 from schemas import index as idx
@@ -195,7 +195,7 @@ def run(argv=None, test_pipeline=None):
             progress.close()
     manifest = mf.read(store)
     summary = summarize(manifest, store, time.time() - started, plan)
-    summary["metrics"] = beam_counters(result)
+    summary["metrics"] = beam_counters(result, ENCODE_NAMESPACE)
     over = [s for s in manifest["failed_shards"] if s.get("status") == shard_stats.STATUS_OVER_BUDGET]
     if over:
         worst = sorted(over, key=lambda s: -s["bad_samples"] / max(1, s["bad_samples"] + s["rows"]))[:5]
@@ -211,20 +211,6 @@ class FailureBudgetExceeded(SystemExit):
     def __init__(self, summary, message):
         super().__init__(message)
         self.summary = summary
-
-
-def beam_counters(result) -> dict:
-    """The job's Beam counters (images_ok, images_failed, bytes_written, shards_*), summed over steps."""
-    from apache_beam.metrics.metric import MetricsFilter
-    totals = {}
-    try:
-        counters = result.metrics().query(MetricsFilter().with_namespace(ENCODE_NAMESPACE))["counters"]
-    except (AttributeError, NotImplementedError):  # runners without metric support
-        return totals
-    for c in counters:
-        value = c.committed if c.committed is not None else c.attempted
-        totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + (value or 0)
-    return totals
 
 
 def summarize(manifest, store, seconds, plan):
@@ -271,10 +257,7 @@ def print_summary(summary):
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    summary = run(argv)
-    if summary is not None:
-        print_summary(summary)
+    job_main(run, argv, print_summary)
 
 
 if __name__ == "__main__":

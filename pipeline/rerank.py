@@ -17,7 +17,7 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline._cli import BeamJobCLI, add_flag, finish, open_store_for
+from pipeline._cli import BeamJobCLI, add_flag, finish, job_main, open_store_for
 from schemas.scores import scores_schema
 from transforms.joint_handler import JointScorerHandler
 from transforms.rank_scores import FUSIONS, RankScores
@@ -115,10 +115,7 @@ def _read_lines(path):
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    summary = run(argv)
-    if summary is not None:
-        print(json.dumps(summary))
+    job_main(run, argv)
 
 
 if __name__ == "__main__":

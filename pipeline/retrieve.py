@@ -11,7 +11,6 @@ all its fields, ``candidates`` (min(top_k, store rows) image ids, best first) an
 ``candidate_scores`` (cosine similarities, descending; ties: image_id ascending) set, ready for
 ``pipeline.rerank``. Malformed queries go to the failures file (``file:line``), always written.
 """
-import json
 import logging
 import time
 
@@ -21,7 +20,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline._cli import BeamJobCLI, add_flag, finish, open_store_for
+from pipeline._cli import BeamJobCLI, add_flag, beam_counters, finish, job_main, open_store_for
 from schemas import queries as Q
 from schemas import storage
 from transforms.read_queries import ReadQueries, plan_query_files
@@ -125,23 +124,10 @@ def run(argv=None, test_pipeline=None):
 
     result = pipeline.run()
     result.wait_until_finish()
-    counts = _counters(result) or {"queries": _count_lines(opts.output), "failures": _count_lines(failures_path)}
+    counts = beam_counters(result, NAMESPACE) or {"queries": _count_lines(opts.output), "failures": _count_lines(failures_path)}
     return {"queries": counts.get("queries", 0), "failures": counts.get("failures", 0),
             "output": opts.output, "failures_file": failures_path, "store": store,
             "store_rows": len(opened), "top_k": opts.top_k, "wall_seconds": round(time.time() - started, 2)}
-
-
-def _counters(result) -> dict:
-    from apache_beam.metrics.metric import MetricsFilter
-    try:
-        counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
-    except (AttributeError, NotImplementedError):  # runners without metric support
-        return {}
-    totals = {}
-    for c in counters:
-        value = c.committed if c.committed is not None else c.attempted
-        totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + (value or 0)
-    return totals
 
 
 def _count_lines(path: str) -> int:
@@ -150,10 +136,7 @@ def _count_lines(path: str) -> int:
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    summary = run(argv)
-    if summary is not None:
-        print(json.dumps(summary))
+    job_main(run, argv)
 
 
 if __name__ == "__main__":
