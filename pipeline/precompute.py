@@ -116,7 +116,10 @@ class _Progress:
         self.thread.start()
 
     def _poll(self):
-        for name in self.names - self.done:
+        # One listing per poll (not one request per shard): cheap on object stores too.
+        present = {storage.basename(p)[:-5] for p in storage.list_dir(storage.join(self.store, C.STATS_DIR))
+                   if p.endswith(".json")}
+        for name in (present & self.names) - self.done:
             rec = shard_stats.read(self.store, name)
             if rec is not None:
                 self.done.add(name)
