@@ -53,13 +53,16 @@ def plain_loop(ckpt, shard_paths, batch_size, precision):
         with open(path, "rb") as f:
             pending = []
             for s in iter_samples(f):
+                if s.image_extension() is None:
+                    continue
                 pending.append(transform(decode_image(s.members[s.image_extension()])))
                 if len(pending) == batch_size:
-                    if t0 is None:
-                        t0 = time.time()  # after the first batch is ready: exclude model load
                     for out in handler.run_inference(pending, model):
                         quantize_int8(out.tokens[None])
-                    n += len(pending)
+                    if t0 is None:
+                        t0 = time.time()  # the first batch warms up (model load, kernels): not counted
+                    else:
+                        n += len(pending)
                     pending = []
             for out in handler.run_inference(pending, model) if pending else []:
                 quantize_int8(out.tokens[None])
@@ -70,6 +73,7 @@ def plain_loop(ckpt, shard_paths, batch_size, precision):
 
 def forward_only(ckpt, batch_size, precision, iters=20):
     """GPU forward of backbone + adapter alone on a resident batch: the ceiling."""
+    from models.checkpoint import load_vision_encoder
     from transforms.vision_handler import PRECISIONS
     enc, _, _ = load_vision_encoder(ckpt, "cuda")
     x = torch.randn(batch_size, 3, 224, 224, device="cuda")
@@ -97,6 +101,7 @@ def run_job(ckpt, pattern, store, extra):
 def check_tokens(ckpt, store, shard_path):
     """Stored (GPU, maybe bf16) tokens vs an fp32 CPU forward of the same images."""
     import pyarrow.parquet as pq
+    from models.checkpoint import load_vision_encoder
     from models.quantization import decode_tokens
     from transforms.image_decode import decode_image
     from transforms.tar_samples import iter_samples

@@ -86,7 +86,10 @@ class TokenStore:
             raise StoreError(f"{shard}: row out of range")
         groups = sorted(set(np.searchsorted(starts, rows, side="right") - 1))
         table = f.read_row_groups(groups, columns=[C.IMAGE_ID, C.TOKENS, C.TOKEN_SCALES, C.EMBEDDING])
-        offsets = {g: int(sum(meta.row_group(x).num_rows for x in groups if x < g)) for g in groups}
+        offsets, acc = {}, 0  # where each read group starts in the concatenated table
+        for g in groups:
+            offsets[g] = acc
+            acc += meta.row_group(g).num_rows
         local = [offsets[g] + int(r - starts[g]) for r, g in zip(rows, np.searchsorted(starts, rows, side="right") - 1)]
         table = table.take(pa.array(local, pa.int64()))
         q = binary_column_to_numpy(table.column(C.TOKENS), np.int8, (self.num_tokens, self.token_dim))
