@@ -33,6 +33,7 @@ case "$mode" in
     if [ ! -f "$DEMO/shards/queries.jsonl" ]; then
       "$PYBIN" -m pipeline.make_demo_shards --output "$DEMO/shards" --shards 3 --per_shard 24
     fi
+    rm -rf "$DEMO/store" "$DEMO/report"  # a fresh store each time (an older one may hold another checkpoint's tokens)
     echo "== precompute: shards -> token store ($DEMO/store)"
     "$PYBIN" -m pipeline.precompute --runner=DirectRunner \
       --input "$DEMO/shards/{00000..00002}.tar" --output "$DEMO/store"

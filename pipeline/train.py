@@ -273,7 +273,8 @@ def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
             txt_emb.append(backbone.encode_text(tok_clip(data["captions"][i:i + 512]).to(args.device)).float())
     patch, img_emb, txt_emb = torch.cat(patch), torch.cat(img_emb), torch.cat(txt_emb)
     adapter_cfg = AdapterConfig(num_tokens=args.num_tokens, input_dim=backbone.width, output_dim=384,
-                                num_heads=max(1, backbone.width // 32), mlp_dim=4 * backbone.width)
+                                num_heads=max(1, backbone.width // 32), mlp_dim=4 * backbone.width,
+                                grid=backbone.clip.visual.grid_size[0] if args.adapter_positions else 0)
     joint_cfg = JointEncoderConfig(base_model=MINILM_PACKAGE, bert_overrides={"num_hidden_layers": args.joint_layers},
                                    max_text_tokens=args.max_text_tokens)
     adapter = TokenCompressionAdapter(adapter_cfg).to(args.device)
@@ -459,6 +460,8 @@ def parse_args(argv):
     ap.add_argument("--eval_every", type=int, default=200)
     ap.add_argument("--patience", type=int, default=5, help="evaluations without improvement before stopping")
     ap.add_argument("--num_tokens", type=int, default=16, help="adapter output tokens m")
+    ap.add_argument("--adapter_positions", action="store_true",
+                    help="add 2-D position codes to the patch tokens the adapter attends over")
     ap.add_argument("--joint_layers", type=int, default=3, help="MiniLM layers kept in the joint encoder")
     ap.add_argument("--max_text_tokens", type=int, default=32)
     ap.add_argument("--hard_negatives", type=int, default=3)

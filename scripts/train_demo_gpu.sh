@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the demo checkpoint on one GPU (about 8 minutes on an H200, data generation included):
+# Trains the demo checkpoint on one GPU (about 8 minutes on an H200, data generation included):
 #   scripts/train_demo_gpu.sh OUT_DIR
 # Needs the project's packages importable (see README, "Training the demo checkpoint").
 set -euo pipefail
@@ -13,7 +13,8 @@ python3 -m pipeline.train --stage all --device cuda --seed 0 \
   --batch_size 512 --lr_clip 1e-3 --max_minutes_clip 2.0 \
   --batch_size_edje 128 --lr_joint 1e-4 --lr_adapter 5e-4 --max_minutes_edje 3.5 \
   --max_steps 8000 --warmup 300 --eval_every 250 --patience 6 --random_only_steps 500 \
-  --hard_negatives 3 --joint_layers 3 --num_tokens 16 --max_text_tokens 32
+  --hard_negatives 3 --joint_layers 3 --num_tokens 16 --max_text_tokens 32 \
+  --clip_batching random --adapter_positions
 cp -r "$WORK/run/checkpoint" "$OUT/"
 cp "$WORK/run/test_metrics.json" "$OUT/"
 cp "$WORK/run/clip/history.json" "$OUT/clip_history.json"

@@ -130,3 +130,18 @@ def test_default_joint_encoder_is_minilm_with_stored_head():
     ids, mask = tokenizer(["a red circle"])
     logit = model(ids, mask, torch.zeros(1, cfg.adapter.num_tokens, 384))
     assert logit.shape == (1,) and torch.isfinite(logit).all()
+
+
+def test_adapter_is_blind_to_patch_order_unless_given_positions():
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 64)
+    perm = torch.randperm(16)
+    plain = TokenCompressionAdapter(AdapterConfig(num_tokens=4, input_dim=64, output_dim=32, num_heads=4, mlp_dim=64)).eval()
+    with torch.no_grad():
+        plain.queries.mul_(50)
+        assert torch.allclose(plain(x), plain(x[:, perm]), atol=1e-5)
+        placed = TokenCompressionAdapter(AdapterConfig(num_tokens=4, input_dim=64, output_dim=32, num_heads=4,
+                                                       mlp_dim=64, grid=4)).eval()
+        placed.queries.mul_(50)  # trained queries attend selectively; at init they nearly average
+        assert not torch.allclose(placed(x), placed(x[:, perm]), atol=1e-2)
+    assert "positions" not in placed.state_dict()  # fixed codes: nothing stored in checkpoints
