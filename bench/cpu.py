@@ -48,6 +48,13 @@ TEXTS = ["an astronaut in a white suit", "a tabby cat sleeping on a sofa", "a cu
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 
 
+
+def alternate(repeats, first, second):
+    """Runs first/second `repeats` times each, alternating which goes first (drift cancels out)."""
+    for rep in range(repeats):
+        for fn in ((first, second) if rep % 2 == 0 else (second, first)):
+            fn(rep)
+
 def log(msg):
     print(f"[bench.cpu {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -310,20 +317,19 @@ def main(argv=None):
     plain_rates, plain_load_rates, beam_rates = [], [], []
     plain_precompute(ckpt, shard_paths[:1], batch)
     run_precompute(ckpt, pattern, os.path.join(work, "store-warm"), batch)
-    store = None
-    for rep in range(repeats):
-        order = ("plain", "beam") if rep % 2 == 0 else ("beam", "plain")
-        for which in order:
-            if which == "plain":
-                r, rl, n = plain_precompute(ckpt, shard_paths, batch)
-                plain_rates.append(r)
-                plain_load_rates.append(rl)
-                log(f"precompute plain loop: {r:.1f} img/s ({rl:.1f} incl. model load), {n} images")
-            else:
-                store = os.path.join(work, f"store-{rep}")
-                r, summary = run_precompute(ckpt, pattern, store, batch)
-                beam_rates.append(r)
-                log(f"precompute Beam job: {r:.1f} img/s, {summary['images']} images, {summary['wall_seconds']} s")
+    def plain_once(rep):
+        r, rl, n = plain_precompute(ckpt, shard_paths, batch)
+        plain_rates.append(r)
+        plain_load_rates.append(rl)
+        log(f"precompute plain loop: {r:.1f} img/s ({rl:.1f} incl. model load), {n} images")
+
+    def beam_once(rep):
+        r, summary = run_precompute(ckpt, pattern, os.path.join(work, f"store-{rep}"), batch)
+        beam_rates.append(r)
+        log(f"precompute Beam job: {r:.1f} img/s, {summary['images']} images, {summary['wall_seconds']} s")
+
+    alternate(repeats, plain_once, beam_once)
+    store = os.path.join(work, f"store-{repeats - 1}")
     res.update(precompute_beam_img_s=[round(x, 1) for x in beam_rates],
                precompute_plain_img_s=[round(x, 1) for x in plain_rates],
                precompute_plain_incl_load_img_s=[round(x, 1) for x in plain_load_rates],
@@ -352,26 +358,28 @@ def main(argv=None):
     beam_r, bare_r, bare_rl = [], [], []
     bare_rerank(ckpt, texts[:64], int8_tokens[:64])  # warm-up
     run_rerank(ckpt, qpath, store, os.path.join(work, "scores-warm.parquet"))
-    for rep in range(repeats):
-        order = ("bare", "beam") if rep % 2 == 0 else ("beam", "bare")
-        for which in order:
-            if which == "bare":
-                r, rl, bare_scores = bare_rerank(ckpt, texts, int8_tokens)
-                bare_r.append(r)
-                bare_rl.append(rl)
-                log(f"rerank bare score_batch: {r:.1f} pairs/s ({rl:.1f} incl. model load)")
-            else:
-                out = os.path.join(work, f"scores-{rep}.parquet")
-                r, summary = run_rerank(ckpt, qpath, store, out)
-                beam_r.append(r)
-                log(f"rerank Beam job: {r:.1f} pairs/s, {summary['pairs']} pairs, {summary['failures']} failures")
+    bare_out = {}
+
+    def bare_once(rep):
+        r, rl, bare_out["scores"] = bare_rerank(ckpt, texts, int8_tokens)
+        bare_r.append(r)
+        bare_rl.append(rl)
+        log(f"rerank bare score_batch: {r:.1f} pairs/s ({rl:.1f} incl. model load)")
+
+    def beam_rerank_once(rep):
+        r, summary = run_rerank(ckpt, qpath, store, os.path.join(work, f"scores-{rep}.parquet"))
+        beam_r.append(r)
+        log(f"rerank Beam job: {r:.1f} pairs/s, {summary['pairs']} pairs, {summary['failures']} failures")
+
+    alternate(repeats, bare_once, beam_rerank_once)
+    bare_scores = bare_out["scores"]
     res.update(rerank_pairs=len(pairs), rerank_beam_pairs_s=[round(x, 1) for x in beam_r],
                rerank_bare_pairs_s=[round(x, 1) for x in bare_r],
                rerank_bare_incl_load_pairs_s=[round(x, 1) for x in bare_rl],
                rerank_ratio=round(max(beam_r) / max(bare_r), 3),
                rerank_ratio_incl_load=round(max(beam_r) / max(bare_rl), 3))
     # the Beam job's scores must be the bare ones (same tokens, same model)
-    beam_scores = pq.read_table(out).to_pylist()
+    beam_scores = pq.read_table(os.path.join(work, f"scores-{repeats - 1}.parquet")).to_pylist()
     by_pair = {(r["query_id"], r["image_id"]): r["score"] for r in beam_scores}
     res["rerank_beam_vs_bare_max_abs_diff"] = float(max(abs(by_pair[(q, c)] - s)
                                                         for (q, _, c), s in zip(pairs, bare_scores)))
