@@ -14,6 +14,7 @@ in the batch. Writes ``OUTPUT/checkpoint`` (config.json + model.safetensors); se
 from ``OUTPUT/<stage>/state.pt`` (tensors only, loaded with weights_only=True).
 """
 import argparse
+import copy
 import glob
 import hashlib
 import json
@@ -45,6 +46,13 @@ DEMO_CLIP = {
     "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 192, "layers": 4, "head_width": 32},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
 }
+
+
+def clip_backbone_config(args) -> BackboneConfig:
+    model = copy.deepcopy(json.loads(args.clip_config) if args.clip_config else DEMO_CLIP)
+    if args.clip_pool:
+        model.setdefault("vision_cfg", {})["pool_type"] = args.clip_pool
+    return BackboneConfig(model_config=model)
 
 
 def local_shards(pattern: str):
@@ -103,6 +111,7 @@ def group_batches(indices: np.ndarray, groups: np.ndarray, batch_size: int, rng:
     for i in indices:
         by_group.setdefault(groups[i], []).append(i)
     ids = np.array(sorted(by_group))
+    batch_size = min(batch_size, len(indices))  # a split smaller than one batch would never fill it
     while True:
         rng.shuffle(ids)
         batch = []
@@ -119,10 +128,14 @@ def identical(caption_ids: torch.Tensor, idx) -> torch.Tensor:
     return c[:, None] == c[None, :]
 
 
-def cosine_schedule(step, total, warmup):
+def cosine_schedule(step, total, warmup, time_fraction=0.0):
+    """Linear warm-up, then cosine decay to 0 by ``total`` steps or by the end of the time budget
+    (``time_fraction``: share of it spent), whichever comes first, so a time-boxed run still ends
+    at a low learning rate."""
     if step < warmup:
         return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    progress = max((step - warmup) / max(1, total - warmup), time_fraction)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class Trainer:
@@ -160,8 +173,8 @@ class Trainer:
         log.info("resumed %s at step %d", self.dir, self.step)
         return True
 
-    def set_lr(self, base_lrs):
-        f = cosine_schedule(self.step, self.args.max_steps, self.args.warmup)
+    def set_lr(self, base_lrs, time_fraction=0.0):
+        f = cosine_schedule(self.step, self.args.max_steps, self.args.warmup, time_fraction)
         for group, base in zip(self.opt.param_groups, base_lrs):
             group["lr"] = base * f
 
@@ -187,8 +200,7 @@ def autocast(device):
 def train_clip(args, data, train_idx, val_idx) -> Path:
     out = Path(args.output) / "clip"
     torch.manual_seed(args.seed)
-    cfg = BackboneConfig(model_config=json.loads(args.clip_config) if args.clip_config else DEMO_CLIP)
-    backbone = Backbone(cfg).to(args.device)
+    backbone = Backbone(clip_backbone_config(args)).to(args.device)
     tokenizer = backbone.tokenizer()
     texts = tokenizer(data["captions"]).to(args.device)
     images = data["images"].to(args.device)
@@ -205,10 +217,10 @@ def train_clip(args, data, train_idx, val_idx) -> Path:
     groups = data["groups"] if args.clip_batching == "groups" else np.arange(len(data["groups"]))
     batches = group_batches(train_idx, groups, args.batch_size, rng)
     started, bar = time.time(), tqdm(total=args.max_steps, initial=trainer.step, desc="clip", dynamic_ncols=True)
-    while trainer.step < args.max_steps and time.time() - started < args.max_minutes_clip * 60:
+    while trainer.step < args.max_steps:
         idx = next(batches)
         backbone.train()
-        trainer.set_lr([args.lr_clip])
+        trainer.set_lr([args.lr_clip], (time.time() - started) / (args.max_minutes_clip * 60))
         with autocast(args.device):
             img = backbone(images[idx])[0]
             txt = F.normalize(backbone.clip.encode_text(texts[idx]).float(), dim=-1)
@@ -220,16 +232,17 @@ def train_clip(args, data, train_idx, val_idx) -> Path:
         trainer.step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if trainer.step % args.eval_every == 0 or trainer.step == args.max_steps:
+        out_of_time = time.time() - started >= args.max_minutes_clip * 60
+        if trainer.step % args.eval_every == 0 or trainer.step == args.max_steps or out_of_time:
             rec = eval_clip(backbone, images, texts, val_idx, data["groups"], args.device)
             rec["loss"] = round(loss.item(), 4)
-            if trainer.after_eval(rec["val_t2i_r1"], rec, modules):
+            if trainer.after_eval(rec["val_t2i_r1"], rec, modules) or out_of_time:
                 break
     bar.close()
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True) if (out / "best.pt").exists() else None
     if best:
         backbone.load_state_dict(best["backbone"])
-    save_checkpoint(out / "backbone", CheckpointConfig(cfg, AdapterConfig(input_dim=backbone.width, num_heads=1)),
+    save_checkpoint(out / "backbone", CheckpointConfig(backbone.cfg, AdapterConfig(input_dim=backbone.width, num_heads=1)),
                     {"backbone": backbone, "adapter": TokenCompressionAdapter(AdapterConfig(input_dim=backbone.width, num_heads=1))})
     (out / "done.json").write_text(json.dumps({"step": trainer.step, "best_val_t2i_r1": trainer.best,
                                                "seconds": round(time.time() - started, 1)}))
@@ -298,10 +311,10 @@ def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
         batches = group_batches(train_idx, data["groups"], args.batch_size_edje, rng)
         started = time.time()
         bar = tqdm(total=args.max_steps, initial=trainer.step, desc="edje", dynamic_ncols=True)
-        while trainer.step < args.max_steps and time.time() - started < args.max_minutes_edje * 60:
+        while trainer.step < args.max_steps:
             idx = torch.as_tensor(next(batches), device=args.device)
             adapter.train(), joint.train()
-            trainer.set_lr(base_lrs)
+            trainer.set_lr(base_lrs, (time.time() - started) / (args.max_minutes_edje * 60))
             hard = 0 if trainer.step < args.random_only_steps else args.hard_negatives
             loss, acc = edje_step(adapter, joint, patch, img_emb, txt_emb, ids, mask, idx,
                                   identical(caption_ids, idx), hard, gen, args.device)
@@ -312,11 +325,12 @@ def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
             trainer.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
-            if trainer.step % args.eval_every == 0 or trainer.step == args.max_steps:
+            out_of_time = time.time() - started >= args.max_minutes_edje * 60
+            if trainer.step % args.eval_every == 0 or trainer.step == args.max_steps or out_of_time:
                 rec = eval_edje(adapter, joint, patch, ids, mask, val_idx, data["groups"], args.device,
                                 data["variants"])
                 rec["loss"] = round(loss.item(), 4)
-                if trainer.after_eval(rec["val_group_acc"], rec, modules):
+                if trainer.after_eval(rec["val_group_acc"], rec, modules) or out_of_time:
                     break
         bar.close()
         (out / "done.json").write_text(json.dumps({"step": trainer.step, "best_val_group_acc": trainer.best,
@@ -449,14 +463,18 @@ def parse_args(argv):
     ap.add_argument("--clip_batching", choices=["random", "groups"], default="random",
                     help="clip stage batches: random samples (a bag-of-words first stage, as web-trained "
                          "CLIPs are) or whole scene groups (hard negatives in batch)")
+    ap.add_argument("--clip_pool", choices=["tok", "avg"], default=None,
+                    help="image embedding of the clip stage: the class token (open_clip's default) or the "
+                         "mean of the patch tokens, which trains every patch token to say what it shows")
     ap.add_argument("--lr_clip", type=float, default=1e-3)
     ap.add_argument("--lr_adapter", type=float, default=3e-4)
     ap.add_argument("--lr_joint", type=float, default=5e-5)
     ap.add_argument("--weight_decay", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--max_steps", type=int, default=100_000, help="per stage; the schedule's length")
-    ap.add_argument("--max_minutes_clip", type=float, default=4.0)
-    ap.add_argument("--max_minutes_edje", type=float, default=5.0)
+    ap.add_argument("--max_minutes_clip", type=float, default=4.0,
+                    help="time budget of the clip stage; the learning rate reaches 0 at its end")
+    ap.add_argument("--max_minutes_edje", type=float, default=5.0, help="likewise for the edje stage")
     ap.add_argument("--eval_every", type=int, default=200)
     ap.add_argument("--patience", type=int, default=5, help="evaluations without improvement before stopping")
     ap.add_argument("--num_tokens", type=int, default=16, help="adapter output tokens m")
@@ -477,8 +495,7 @@ def run(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     Path(args.output).mkdir(parents=True, exist_ok=True)
     clip_dir = Path(args.output) / "clip"
-    cfg = BackboneConfig(model_config=json.loads(args.clip_config) if args.clip_config else DEMO_CLIP)
-    transform = Backbone(cfg, load_pretrained=False).image_transform()
+    transform = Backbone(clip_backbone_config(args), load_pretrained=False).image_transform()
     data = load_scenes(args.data, transform, args.limit)
     train_idx, val_idx = split_validation(data["groups"], args.val_fraction)
     log.info("%d training samples (%d validation)", len(train_idx), len(val_idx))
