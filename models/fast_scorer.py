@@ -1,0 +1,140 @@
+"""A faster scoring path with the same math as ``JointEncoder`` (inference only).
+
+``JointEncoder`` goes through HF ``BertModel``: three separate Q/K/V projections, mask building
+and many small ops per layer. ``FastScorer`` holds the same weights in plain blocks: one fused
+QKV ``Linear`` per layer, ``scaled_dot_product_attention`` with a boolean key-padding mask, and
+the packed ``[CLS] text [SEP] <img> x m [SEP]`` input built with a single gather, and a last
+layer that finishes only the [CLS] row (the only one the pooler reads). It is post-LN
+BERT exactly (LayerNorm eps and activation from the BERT config), so its logits equal
+``JointEncoder``'s up to float rounding, and it compiles cleanly with ``torch.compile``.
+
+bf16: cast the module (``FastScorer.from_joint_encoder(j).to(device, torch.bfloat16)``); inputs
+are cast to the weights' dtype and logits come back float32.
+"""
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# HF's names for the activations BERT configs use (transformers.activations.ACT2FN):
+# "gelu" is the exact erf GELU; "gelu_new" and "gelu_pytorch_tanh" are the tanh approximation.
+ACTIVATIONS = {"gelu": F.gelu, "gelu_new": partial(F.gelu, approximate="tanh"),
+               "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"), "relu": F.relu}
+
+
+class _Layer(nn.Module):
+    """One post-LN BERT layer: x = LN(x + Attn(x)); x = LN(x + MLP(x))."""
+
+    def __init__(self, hidden: int, heads: int, intermediate: int, eps: float, act):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)  # one GEMM instead of three
+        self.out = nn.Linear(hidden, hidden)
+        self.ln1 = nn.LayerNorm(hidden, eps=eps)
+        self.fc1 = nn.Linear(hidden, intermediate)
+        self.fc2 = nn.Linear(intermediate, hidden)
+        self.ln2 = nn.LayerNorm(hidden, eps=eps)
+        self.act = act
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        b, n, h = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if cls_only:  # after the last layer only [CLS] is read: its row alone needs the rest
+            q, x = q[:, :, :1], x[:, :1]
+        # keep: (B, 1, 1, n) bool, True = real key; the default scale 1/sqrt(head_dim) is BERT's
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        x = self.ln1(x + self.out(a.transpose(1, 2).reshape(b, x.shape[1], h)))
+        return self.ln2(x + self.fc2(self.act(self.fc1(x))))
+
+
+class FastScorer(nn.Module):
+    def __init__(self, bert_config):
+        super().__init__()
+        c = bert_config
+        if getattr(c, "position_embedding_type", "absolute") != "absolute" or getattr(c, "is_decoder", False):
+            raise ValueError("FastScorer supports encoder BERT with absolute positions only")
+        if c.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"FastScorer: unsupported activation {c.hidden_act!r}")
+        h = c.hidden_size
+        self.word = nn.Embedding(c.vocab_size, h)
+        self.position = nn.Embedding(c.max_position_embeddings, h)
+        self.token_type = nn.Embedding(c.type_vocab_size, h)
+        self.ln = nn.LayerNorm(h, eps=c.layer_norm_eps)
+        self.layers = nn.ModuleList(
+            _Layer(h, c.num_attention_heads, c.intermediate_size, c.layer_norm_eps, ACTIVATIONS[c.hidden_act])
+            for _ in range(c.num_hidden_layers))
+        self.pooler = nn.Linear(h, h)
+        self.head = nn.Linear(h, 1)
+        self.sep_id = c.sep_token_id if getattr(c, "sep_token_id", None) is not None else 102
+
+    @classmethod
+    @torch.no_grad()
+    def from_joint_encoder(cls, joint) -> "FastScorer":
+        """A copy of ``joint``'s weights (fp32, on the CPU); ``joint`` is left untouched."""
+        bert = joint.bert
+        fast = cls(bert.config)
+        e = bert.embeddings
+        fast.word.load_state_dict(e.word_embeddings.state_dict())
+        fast.position.load_state_dict(e.position_embeddings.state_dict())
+        fast.token_type.load_state_dict(e.token_type_embeddings.state_dict())
+        fast.ln.load_state_dict(e.LayerNorm.state_dict())
+        for dst, src in zip(fast.layers, bert.encoder.layer):
+            s = src.attention.self
+            dst.qkv.weight.copy_(torch.cat([s.query.weight, s.key.weight, s.value.weight]))
+            dst.qkv.bias.copy_(torch.cat([s.query.bias, s.key.bias, s.value.bias]))
+            dst.out.load_state_dict(src.attention.output.dense.state_dict())
+            dst.ln1.load_state_dict(src.attention.output.LayerNorm.state_dict())
+            dst.fc1.load_state_dict(src.intermediate.dense.state_dict())
+            dst.fc2.load_state_dict(src.output.dense.state_dict())
+            dst.ln2.load_state_dict(src.output.LayerNorm.state_dict())
+        fast.pooler.load_state_dict(bert.pooler.dense.state_dict())
+        fast.head.load_state_dict(joint.head.state_dict())
+        return fast.float().eval()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_tokens: torch.Tensor) -> torch.Tensor:
+        """input_ids/attention_mask: (B, T) ``[CLS] text [SEP]`` right-padded; image_tokens (B, m, h).
+        Returns logits (B,) float32, equal to ``JointEncoder.forward`` on the same inputs."""
+        b, t = input_ids.shape
+        m, h = image_tokens.shape[1], image_tokens.shape[2]
+        n = t + m + 1
+        text_len = attention_mask.sum(1, keepdim=True)  # (B, 1) incl. [CLS] and [SEP]
+        rel = torch.arange(n, device=input_ids.device)[None] - text_len  # (B, n): < 0 on text
+        # Row i of the packed sequence reads from cat([text (t), image (m), [SEP] (1)]); the
+        # padding after the closing [SEP] reads [SEP] too: it is masked out as a key and is never
+        # [CLS], so it cannot change the logit.
+        src = torch.where(rel < 0, rel + text_len, t + rel.clamp(max=m))
+        sep = self.word.weight[self.sep_id].expand(b, 1, h)
+        x = torch.cat([self.word(input_ids), image_tokens.to(sep.dtype), sep], 1)
+        x = torch.gather(x, 1, src[..., None].expand(-1, -1, h))
+        x = x + self.token_type((rel >= 0).long()) + self.position.weight[:n]  # HF's order; type 1: image, [SEP]
+        x = self.ln(x)
+        keep = (rel <= m)[:, None, None, :]  # text, image tokens and the closing [SEP]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, keep, cls_only=i == len(self.layers) - 1)
+        return self.head(torch.tanh(self.pooler(x[:, 0]))).squeeze(-1).float()
+
+    def prepare_int8(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     tokens_int8: torch.Tensor, scales: torch.Tensor):
+        """The store's format, int8 tokens (B, m, h) + float32 scales (B, m), usually on the host,
+        -> ``forward``'s arguments on the module's device.
+
+        Copies the int8 bytes (4x fewer than float32 tokens), from pinned memory without blocking
+        the host, and dequantizes on the device exactly like ``models.quantization.dequantize_int8``
+        (a float32 product). Pin the host tensors once (the loader's job) to avoid a copy here."""
+        device = self.word.weight.device
+        pin = device.type == "cuda"
+
+        def move(x):
+            if pin and x.device.type == "cpu" and not x.is_pinned():
+                x = x.pin_memory()
+            return x.to(device, non_blocking=True)
+
+        input_ids, attention_mask, tokens_int8, scales = map(move, (input_ids, attention_mask, tokens_int8, scales))
+        return input_ids, attention_mask, tokens_int8.float() * scales.float()[..., None]
+
+    def forward_int8(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     tokens_int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """Logits (B,) from the store's int8 tokens + scales (see ``prepare_int8``)."""
+        return self(*self.prepare_int8(input_ids, attention_mask, tokens_int8, scales))

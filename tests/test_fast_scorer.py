@@ -1,0 +1,76 @@
+"""FastScorer gives JointEncoder's logits (real MiniLM weights, 2 layers, CPU)."""
+import numpy as np
+import pytest
+import torch
+
+from models.fast_scorer import FastScorer
+from models.joint_encoder import JointEncoder, JointEncoderConfig
+from models.quantization import dequantize_int8, quantize_int8
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    joint = JointEncoder(JointEncoderConfig(bert_overrides={"num_hidden_layers": 2})).eval()
+    # random pooler (MiniLM has none) and head, large enough that pairs score differently
+    torch.nn.init.normal_(joint.bert.pooler.dense.weight, std=0.05)
+    torch.nn.init.normal_(joint.head.weight, std=0.5)
+    return joint, FastScorer.from_joint_encoder(joint)
+
+
+def batch(b=6, t=12, m=5, h=384, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([12, 3, 7, 12, 2, 9][:b])  # different text lengths, incl. [CLS] [SEP]
+    ids = torch.randint(1000, 30000, (b, t), generator=g)
+    ids[:, 0] = 101
+    ids[torch.arange(b), lengths - 1] = 102
+    mask = (torch.arange(t)[None] < lengths[:, None]).long()
+    ids = ids * mask  # [PAD] = 0 after the text
+    return ids, mask, torch.randn(b, m, h, generator=g)
+
+
+@torch.no_grad()
+def test_fp32_logits_equal_joint_encoder(models):
+    joint, fast = models
+    ids, mask, tokens = batch()
+    expected = joint(ids, mask, tokens)
+    got = fast(ids, mask, tokens)
+    assert got.dtype == torch.float32 and got.shape == (6,)
+    assert expected.max() - expected.min() > 0.01  # 100x the tolerance: pairs score differently
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_int8_entry_equals_joint_encoder_on_dequantized_tokens(models):
+    joint, fast = models
+    ids, mask, tokens = batch(seed=2)
+    q, scales = quantize_int8(tokens.numpy())
+    expected = joint(ids, mask, torch.from_numpy(dequantize_int8(q, scales)))
+    got = fast.forward_int8(ids, mask, torch.from_numpy(q), torch.from_numpy(scales))
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_pair_score_does_not_depend_on_the_batch(models):
+    _, fast = models
+    ids, mask, tokens = batch(seed=3)
+    full = fast(ids, mask, tokens)
+    for i in (1, 4):  # short texts: alone they are padded less (or not at all)
+        t = int(mask[i].sum())
+        alone = fast(ids[i:i + 1, :t], mask[i:i + 1, :t], tokens[i:i + 1])
+        torch.testing.assert_close(alone, full[i:i + 1], atol=2e-5, rtol=0)
+    other = batch(seed=4)  # same pair 0, different companions
+    mixed = fast(torch.cat([ids[:1], other[0][1:]]), torch.cat([mask[:1], other[1][1:]]),
+                 torch.cat([tokens[:1], other[2][1:]]))
+    torch.testing.assert_close(mixed[0], full[0], atol=2e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_bf16_close_to_fp32(models):
+    _, fast = models
+    ids, mask, tokens = batch(seed=5)
+    expected = fast(ids, mask, tokens)
+    low = FastScorer.from_joint_encoder(models[0]).to(torch.bfloat16)
+    got = low(ids, mask, tokens)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=0.1)
