@@ -45,8 +45,9 @@ def load_photo(name: str) -> Image.Image:
     return Image.fromarray(a).convert("RGB")
 
 
-def demo_samples(shard: int, count: int, seed: int = 0):
-    """Yields webdataset sample dicts for one shard: crops of the photos, cycling through them."""
+def demo_samples(shard: int, count: int, seed: int = 0, formats=FORMATS):
+    """Yields webdataset sample dicts for one shard: crops of the photos, cycling through them,
+    stored in ``formats`` in turn ((extension, PIL format) pairs; default jpg, png, webp)."""
     rng = np.random.default_rng([seed, shard])
     names = sorted(PHOTOS)
     cache = {}
@@ -57,7 +58,7 @@ def demo_samples(shard: int, count: int, seed: int = 0):
         cw, ch = int(w * rng.uniform(0.5, 1.0)), int(h * rng.uniform(0.5, 1.0))
         x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
         crop = photo.crop((x, y, x + cw, y + ch))
-        ext, fmt = FORMATS[i % len(FORMATS)]
+        ext, fmt = formats[i % len(formats)]
         buf = io.BytesIO()
         crop.save(buf, format=fmt)
         key = f"{shard:05d}{i:04d}"

@@ -2,7 +2,7 @@
 
     python -m pipeline.precompute --runner=DirectRunner \\
         --input 'shards/{00000..00009}.tar' --output STORE [--checkpoint DIR] \\
-        [--batch_size N] [--device cpu|cuda]
+        [--batch_size N] [--device cpu|cuda] [--decode pil|torchvision]
 
 One token shard per input shard, an id index, then ``manifest.json`` written last. Rerunning
 into the same store skips shards already committed with the same checkpoint.
@@ -28,6 +28,7 @@ from transforms.scan_keys import FindCrossShardDuplicates
 from transforms.shard_files import plan_shards
 from transforms.tar_samples import DEFAULT_MAX_MEMBER_BYTES
 from transforms.image_decode import DEFAULT_MAX_PIXELS
+from transforms.tensor_decode import DECODERS
 from transforms.vision_handler import PRECISIONS
 from transforms.write_index import WriteIndex
 from transforms.write_manifest import WriteManifest
@@ -52,6 +53,11 @@ class PrecomputeOptions(PipelineOptions):
         add_flag(parser, "--device", default="cpu", help="cpu, cuda or cuda:N")
         add_flag(parser, "--precision", default="fp32", choices=sorted(PRECISIONS),
                             help="autocast precision of the forward pass")
+        add_flag(parser, "--decode", default="pil", choices=list(DECODERS),
+                 help="image decoder: pil (PIL + open_clip's transform, one image at a time on the CPU), or "
+                      "torchvision (JPEGs decoded in batches with torchvision.io.decode_jpeg on --device, "
+                      "nvjpeg on CUDA, and resized/cropped/normalised with torch ops there; other formats "
+                      "and JPEGs it refuses fall back to PIL). Part of the stored bytes, like --batch_size")
         add_flag(parser, "--torch_threads", type=int, default=1,
                             help="torch intra-op threads per worker; fixed so that results do not "
                                  "depend on the machine (parallelism comes from Beam workers)")
@@ -168,9 +174,9 @@ def run(argv=None, test_pipeline=None):
         batch_size=opts.batch_size, device=opts.device, precision=opts.precision,
         torch_threads=opts.torch_threads, max_member_bytes=opts.max_member_bytes,
         max_pixels=opts.max_image_pixels, max_failure_rate=opts.max_failure_rate,
-        failure_budget_min_samples=opts.failure_budget_min_samples)
+        failure_budget_min_samples=opts.failure_budget_min_samples, decode=opts.decode)
     producer = {"quantization": QUANT_SCHEME, "batch_size": opts.batch_size, "precision": opts.precision,
-                "torch_threads": opts.torch_threads, "device": opts.device}
+                "torch_threads": opts.torch_threads, "device": opts.device, "decode": opts.decode}
 
     # The launcher's plan checks the input, sizes the index and drives the progress bar; the
     # pipeline plans again on a worker so a million shard paths never enter the job graph.

@@ -16,6 +16,7 @@ from typing import Optional
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import torch
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
@@ -25,12 +26,15 @@ from schemas import shard_stats, storage
 from schemas.token_store import FAILURE_SCHEMA, QUANT_SCHEME, TOKEN_ROW_GROUP_SIZE, token_schema
 from transforms.image_decode import DecodeError, decode_image
 from transforms.tar_samples import ShardReadError, iter_samples
+from transforms.tensor_decode import DECODERS, TensorJpegDecoder, TensorPreprocess, fast_jpeg_size
 from transforms.vision_handler import VisionModelHandler
 
 log = logging.getLogger(__name__)
 NAMESPACE = "edje_precompute"
 # Settings recorded per shard; a committed shard is reused only if all of them match.
-ENCODE_SETTINGS = ("batch_size", "precision", "torch_threads", "device", "max_member_bytes", "max_pixels")
+ENCODE_SETTINGS = ("batch_size", "precision", "torch_threads", "device", "max_member_bytes", "max_pixels", "decode")
+# Value of a setting in stats records written before it existed (those shards used it).
+SETTING_DEFAULTS = {"decode": "pil"}
 
 
 def bad_samples(failures) -> int:
@@ -61,6 +65,7 @@ class EncodeConfig:
     torch_threads: int = 1
     max_member_bytes: int = 64 << 20
     max_pixels: int = 89_478_485
+    decode: str = "pil"  # "pil", or "torchvision": JPEGs decoded + preprocessed on `device` in batches
     max_failure_rate: float = 0.5
     failure_budget_min_samples: int = 20
 
@@ -106,6 +111,11 @@ class EncodeShardFn(beam.DoFn):
         self._model = self._shared.acquire(self._handler.load_model,
                                            tag=f"{c.fingerprint}/{c.device}/{c.torch_threads}")
         self._transform = self._model.backbone.image_transform()
+        if c.decode not in DECODERS:
+            raise ValueError(f"decode must be one of {DECODERS}, not {c.decode!r}")
+        if c.decode == "torchvision":
+            self._jpeg_decoder = TensorJpegDecoder(c.device)
+            self._tensor_preprocess = TensorPreprocess.for_backbone(self._model.backbone)
         self._schema = token_schema(c.num_tokens, c.token_dim, c.embedding_dim).with_metadata({
             "edje.fingerprint": c.fingerprint, "edje.quantization": QUANT_SCHEME,
             "edje.num_tokens": str(c.num_tokens), "edje.token_dim": str(c.token_dim)})
@@ -118,7 +128,7 @@ class EncodeShardFn(beam.DoFn):
                 or rec.get("source") != spec.source:
             return None
         # Other encode settings may change the bytes: such a shard is redone, never mixed in.
-        if any(rec.get(k) != getattr(self.cfg, k) for k in ENCODE_SETTINGS):
+        if any(rec.get(k, SETTING_DEFAULTS.get(k)) != getattr(self.cfg, k) for k in ENCODE_SETTINGS):
             return None
         for key in ("shard", "failures"):
             entry = rec.get(key)
@@ -196,14 +206,24 @@ class EncodeShardFn(beam.DoFn):
         yield rec
 
     def _encode(self, spec, drop_ids, fail, counts):
-        """Generator of Arrow record batches for the shard; records failures through ``fail``."""
-        seen, pending, rows = set(), [], []
+        """Generator of Arrow record batches for the shard; records failures through ``fail``.
+
+        Batches for the forward pass are the next ``batch_size`` decodable samples in tar order,
+        whatever the decoder. With ``decode="torchvision"`` samples are first staged (raw bytes)
+        until enough are held to complete a batch, then decoded together; failures recorded
+        while samples are staged wait in the stage so that records keep tar order.
+        """
+        seen, pending, rows, staged = set(), [], [], []
+        batch_size = self.cfg.batch_size
+        tensor_decode = self.cfg.decode == "torchvision"
 
         def flush():
             if not pending:
                 return
-            outputs = self._handler.run_inference([p[1] for p in pending], self._model)
-            for (key, _, caption, meta), out in zip(pending, outputs):
+            batch = pending[:batch_size]
+            del pending[:batch_size]
+            outputs = self._handler.run_inference([p[1] for p in batch], self._model)
+            for (key, _, caption, meta), out in zip(batch, outputs):
                 try:
                     q, scales = quantize_int8(out.tokens[None])
                     if not np.isfinite(out.embedding).all():
@@ -213,7 +233,6 @@ class EncodeShardFn(beam.DoFn):
                     continue
                 rows.append((key, q.tobytes(), scales.astype("<f4").tobytes(),
                              out.embedding.astype("<f2").tobytes(), caption, meta))
-            pending.clear()
 
         def drain(final=False):
             while len(rows) >= TOKEN_ROW_GROUP_SIZE or (final and rows):
@@ -222,6 +241,23 @@ class EncodeShardFn(beam.DoFn):
                 counts["rows"] += len(chunk)
                 yield pa.RecordBatch.from_arrays(
                     [pa.array(col, type=f.type) for col, f in zip(zip(*chunk), self._schema)], schema=self._schema)
+
+        def stage_fail(*args):  # a failure behind staged samples is recorded after them
+            if staged:
+                staged.append(("fail", args))
+            else:
+                fail(*args)
+
+        staged_images = [0]
+
+        def stage(key, data, caption, meta):
+            staged.append(("image", (key, data, caption, meta)))
+            staged_images[0] += 1
+
+        def decode_staged():
+            self._decode_staged(staged, pending, fail)
+            staged.clear()
+            staged_images[0] = 0
 
         sample_count = 0
         try:
@@ -232,18 +268,27 @@ class EncodeShardFn(beam.DoFn):
             try:
                 for sample in iter_samples(f, read_data=True, max_member_bytes=self.cfg.max_member_bytes):
                     sample_count += 1
-                    self._one_sample(sample, drop_ids, seen, pending, fail, counts)
-                    if len(pending) >= self.cfg.batch_size:
+                    if tensor_decode:
+                        self._one_sample(sample, drop_ids, seen, stage_fail, counts, stage=stage)
+                        if len(pending) + staged_images[0] >= batch_size:
+                            decode_staged()
+                    else:
+                        self._one_sample(sample, drop_ids, seen, fail, counts, pending=pending)
+                    while len(pending) >= batch_size:
                         flush()
                         yield from drain()
             except ShardReadError as e:
                 if sample_count == 0:
                     raise _ShardUnreadable(str(e)) from e
                 counts["shard_error"] = str(e)
-        flush()
+        decode_staged()
+        while pending:
+            flush()
         yield from drain(final=True)
 
-    def _one_sample(self, sample, drop_ids, seen, pending, fail, counts):
+    def _one_sample(self, sample, drop_ids, seen, fail, counts, pending=None, stage=None):
+        """Dedup and pick the image member; then decode it now into ``pending`` (PIL), or hand
+        its bytes to ``stage`` (tensor decode later)."""
         key = sample.key
         if key in drop_ids or key in seen:
             counts["duplicates"] += 1
@@ -257,16 +302,66 @@ class EncodeShardFn(beam.DoFn):
                 f"no image member (has: {', '.join(sorted(sample.members)) or 'nothing'})"
             fail(key, C.STAGE_READ, reason)
             return
+        caption, meta = _caption(sample.members.get("txt")), _metadata(sample.members.get("json"))
+        if stage is not None:
+            stage(key, sample.members[ext], caption, meta)
+            return
+        tensor = self._pil_tensor(key, sample.members[ext], fail)
+        if tensor is not None:
+            pending.append((key, tensor, caption, meta))
+
+    def _pil_tensor(self, key, data, fail):
+        """PIL decode + open_clip transform -> (3, h, w) float tensor, or None (failure recorded)."""
         try:
-            image = decode_image(sample.members[ext], self.cfg.max_pixels)
-            tensor = self._transform(image)
+            image = decode_image(data, self.cfg.max_pixels)
+            return self._transform(image)
         except DecodeError as e:
             fail(key, C.STAGE_DECODE, str(e))
-            return
         except Exception as e:  # a transform failing on a valid image is still this sample's failure
             fail(key, C.STAGE_DECODE, f"preprocessing failed ({type(e).__name__}: {e})")
+        return None
+
+    def _decode_staged(self, staged, pending, fail):
+        """Decodes the staged samples, in tar order, into ``pending``: plain JPEGs together with
+        the tensor decoder on the job's device; the rest, and any it refuses, one by one with PIL
+        (same failure records as ``decode="pil"``)."""
+        if not staged:
             return
-        pending.append((key, tensor, _caption(sample.members.get("txt")), _metadata(sample.members.get("json"))))
+        fast = {}
+        for n, (kind, item) in enumerate(staged):
+            if kind == "image":
+                size = fast_jpeg_size(item[1])
+                if size is not None and size[0] * size[1] <= self.cfg.max_pixels:
+                    fast[n] = item[1]
+        tensors = {}
+        if fast:
+            crops, same_size = {}, {}
+            for n, image in zip(fast, self._jpeg_decoder.decode(list(fast.values()))):
+                if image is not None:
+                    same_size.setdefault(tuple(image.shape), []).append((n, image))
+            for group in same_size.values():  # one resize per image size (img2dataset output shares sizes)
+                try:
+                    images = group[0][1][None] if len(group) == 1 else torch.stack([im for _, im in group])
+                    crops.update(zip((n for n, _ in group), self._tensor_preprocess.resize_crop(images)))
+                except Exception as e:  # noqa: BLE001 - PIL then decides about these samples
+                    log.warning("tensor preprocessing refused %s (%s: %s); using PIL",
+                                ", ".join(staged[n][1][0] for n, _ in group), type(e).__name__, e)
+            if crops:
+                batch = self._tensor_preprocess.normalize(torch.stack(list(crops.values())))
+                tensors = dict(zip(crops, batch.unbind(0)))
+        device = self._jpeg_decoder.device
+        for n, (kind, item) in enumerate(staged):
+            if kind == "fail":
+                fail(*item)
+                continue
+            key, data, caption, meta = item
+            tensor = tensors.get(n)
+            if tensor is None:
+                tensor = self._pil_tensor(key, data, fail)
+                if tensor is None:
+                    continue
+                tensor = tensor.to(device)
+            pending.append((key, tensor, caption, meta))
 
 
 class _ShardUnreadable(Exception):
