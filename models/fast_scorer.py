@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.joint_encoder import image_position_ids
+
 # HF's names for the activations BERT configs use (transformers.activations.ACT2FN):
 # "gelu" is the exact erf GELU; "gelu_new" and "gelu_pytorch_tanh" are the tanh approximation.
 ACTIVATIONS = {"gelu": F.gelu, "gelu_new": partial(F.gelu, approximate="tanh"),
@@ -67,6 +69,7 @@ class FastScorer(nn.Module):
         self.pooler = nn.Linear(h, h)
         self.head = nn.Linear(h, 1)
         self.sep_id = c.sep_token_id if getattr(c, "sep_token_id", None) is not None else 102
+        self.joint_cfg = None  # the JointEncoderConfig (image position ids); set by from_joint_encoder
 
     @classmethod
     @torch.no_grad()
@@ -74,6 +77,7 @@ class FastScorer(nn.Module):
         """A copy of ``joint``'s weights (fp32, on the CPU); ``joint`` is left untouched."""
         bert = joint.bert
         fast = cls(bert.config)
+        fast.joint_cfg = joint.cfg
         e = bert.embeddings
         fast.word.load_state_dict(e.word_embeddings.state_dict())
         fast.position.load_state_dict(e.position_embeddings.state_dict())
@@ -108,7 +112,12 @@ class FastScorer(nn.Module):
         sep = self.word.weight[self.sep_id].expand(b, 1, h)
         x = torch.cat([self.word(input_ids), image_tokens.to(sep.dtype), sep], 1)
         x = torch.gather(x, 1, src[..., None].expand(-1, -1, h))
-        x = x + self.token_type((rel >= 0).long()) + self.position.weight[:n]  # HF's order; type 1: image, [SEP]
+        if self.joint_cfg is None or self.joint_cfg.image_positions == "after_text":
+            position = self.position.weight[:n]
+        else:
+            pos = torch.arange(n, device=input_ids.device)[None].expand(b, -1)
+            position = self.position(image_position_ids(pos, text_len[:, 0], self.joint_cfg))
+        x = x + self.token_type((rel >= 0).long()) + position  # HF's order; type 1: image, [SEP]
         x = self.ln(x)
         keep = (rel <= m)[:, None, None, :]  # text, image tokens and the closing [SEP]
         for i, layer in enumerate(self.layers):

@@ -69,6 +69,19 @@ class JointEncoderConfig(JsonConfig):
     bert_overrides: dict = field(default_factory=dict)
     tokenizer: Optional[str] = None
     max_text_tokens: int = 64
+    # Position ids of the image tokens: "after_text" continues the text's (so they shift with the
+    # caption's length); "fixed" gives image token k the id max_text_tokens + k whatever the text.
+    image_positions: str = "after_text"
+
+    def __post_init__(self):
+        if self.image_positions not in ("after_text", "fixed"):
+            raise ValueError(f"image_positions must be 'after_text' or 'fixed', not {self.image_positions!r}")
+
+    def to_dict(self):
+        d = super().to_dict()
+        if d["image_positions"] == "after_text":
+            del d["image_positions"]  # checkpoints from before the option keep their fingerprint
+        return d
 
 
     def tokenizer_path(self) -> Path:
@@ -100,6 +113,14 @@ def build_bert(cfg: JointEncoderConfig, load_base_weights: bool):
     model = BertModel(bert_cfg, add_pooling_layer=True)
     model.base_missing_keys = sorted(model.state_dict())
     return model
+
+
+def image_position_ids(pos: torch.Tensor, text_len: torch.Tensor, cfg: JointEncoderConfig) -> torch.Tensor:
+    """(B, n) BERT position ids of the packed rows: text 0..len-1, then the image tokens and the
+    closing [SEP] either right after the text or from ``max_text_tokens`` on (``cfg.image_positions``)."""
+    if cfg.image_positions == "after_text":
+        return pos
+    return torch.where(pos < text_len[:, None], pos, pos - text_len[:, None] + cfg.max_text_tokens)
 
 
 class JointEncoder(nn.Module):
@@ -138,7 +159,9 @@ class JointEncoder(nn.Module):
                                          torch.where(is_sep[..., None], sep_emb, torch.zeros_like(text_emb))))
         token_type = (is_image | is_sep).long()
         mask = (is_text | is_image | is_sep).long()
-        out = self.bert(inputs_embeds=inputs, attention_mask=mask, token_type_ids=token_type)
+        position_ids = image_position_ids(pos, text_len, self.cfg)
+        out = self.bert(inputs_embeds=inputs, attention_mask=mask, token_type_ids=token_type,
+                        position_ids=position_ids)
         return self.head(out.pooler_output).squeeze(-1).float()
 
 

@@ -289,7 +289,7 @@ def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
                                 num_heads=max(1, backbone.width // 32), mlp_dim=4 * backbone.width,
                                 grid=backbone.clip.visual.grid_size[0] if args.adapter_positions else 0)
     joint_cfg = JointEncoderConfig(base_model=MINILM_PACKAGE, bert_overrides={"num_hidden_layers": args.joint_layers},
-                                   max_text_tokens=args.max_text_tokens)
+                                   max_text_tokens=args.max_text_tokens, image_positions=args.image_positions)
     adapter = TokenCompressionAdapter(adapter_cfg).to(args.device)
     joint = JointEncoder(joint_cfg).to(args.device)
     joint.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # comes from the MiniLM package
@@ -482,6 +482,9 @@ def parse_args(argv):
                     help="add 2-D position codes to the patch tokens the adapter attends over")
     ap.add_argument("--joint_layers", type=int, default=3, help="MiniLM layers kept in the joint encoder")
     ap.add_argument("--max_text_tokens", type=int, default=32)
+    ap.add_argument("--image_positions", choices=["after_text", "fixed"], default="after_text",
+                    help="BERT position ids of the image tokens: right after the text (they shift with "
+                         "its length) or fixed, from max_text_tokens on")
     ap.add_argument("--hard_negatives", type=int, default=3)
     ap.add_argument("--random_only_steps", type=int, default=300, help="curriculum: random negatives first")
     ap.add_argument("--description", default="EDJE demo checkpoint trained on the compositional scenes benchmark")

@@ -74,3 +74,27 @@ def test_bf16_close_to_fp32(models):
     got = low(ids, mask, tokens)
     assert got.dtype == torch.float32
     np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=0.1)
+
+
+@torch.no_grad()
+def test_fixed_image_positions(models):
+    """image_positions="fixed": both scorers agree, scores stay batch-independent, and the image
+    tokens' position ids no longer follow the text length (so the logits change)."""
+    base, _ = models
+    cfg = JointEncoderConfig(bert_overrides={"num_hidden_layers": 2}, max_text_tokens=12, image_positions="fixed")
+    joint = JointEncoder(cfg).eval()
+    joint.load_state_dict(base.state_dict())
+    fast = FastScorer.from_joint_encoder(joint)
+    ids, mask, tokens = batch(seed=6)
+    expected = joint(ids, mask, tokens)
+    torch.testing.assert_close(fast(ids, mask, tokens), expected, atol=2e-5, rtol=0)
+    t = int(mask[1].sum())
+    torch.testing.assert_close(joint(ids[1:2, :t], mask[1:2, :t], tokens[1:2]), expected[1:2], atol=2e-5, rtol=0)
+    moved = (expected - base(ids, mask, tokens)).abs()
+    full = mask.sum(1) == 12  # a text of max_text_tokens tokens: the same ids either way
+    assert (moved[full] < 2e-5).all() and (moved[~full] > 2e-4).all()
+    # the option is written only when set: existing checkpoints keep their fingerprint
+    assert "image_positions" not in JointEncoderConfig().to_dict()
+    assert JointEncoderConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="image_positions"):
+        JointEncoderConfig(image_positions="sideways")
