@@ -17,10 +17,15 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
-def hardest_negatives(similarity: torch.Tensor, k: int, not_negative: torch.Tensor) -> torch.Tensor:
+def hardest_negatives(similarity: torch.Tensor, k: int, not_negative: torch.Tensor,
+                      prefer: torch.Tensor = None) -> torch.Tensor:
     """(B, B) similarity of queries (rows) to items (columns) -> (B, k) column indices of the k most
     similar items that are not matches. ``not_negative`` (B, B) bool marks matches to skip (the
-    diagonal, identical captions, the same image)."""
+    diagonal, identical captions, the same image). ``prefer`` (B, B) bool: items taken before any
+    other, most similar first (a scene's known minimal variants, which the frozen backbone that
+    mines the rest may already tell apart and so never pick)."""
+    if prefer is not None:
+        similarity = similarity + prefer * (2 * similarity.abs().max() + 1)
     masked = similarity.masked_fill(not_negative, float("-inf"))
     k = min(k, int((~not_negative).sum(1).min()))
     return masked.topk(k, dim=1).indices

@@ -10,8 +10,10 @@ trained with EDJE's listwise ITM objective in both directions: for each caption,
 against the hardest in-batch images (mined with the frozen backbone's own embeddings, masking the
 same image and identical captions) plus one random image; likewise for each image over captions.
 Batches are built from whole scene groups, so a scene's colour- and relation-swapped siblings are
-in the batch. Writes ``OUTPUT/checkpoint`` (config.json + model.safetensors); seeded; resumable
-from ``OUTPUT/<stage>/state.pt`` (tensors only, loaded with weights_only=True).
+in the batch, and they are taken first among the hard negatives (``--sibling_negatives``): the
+frozen backbone that mines the rest may already tell them apart and so never pick them.
+Writes ``OUTPUT/checkpoint`` (config.json + model.safetensors); seeded; resumable from
+``OUTPUT/<stage>/state.pt`` (tensors only, loaded with weights_only=True).
 """
 import argparse
 import copy
@@ -297,6 +299,7 @@ def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
     ids, mask = tokenizer(data["captions"])
     ids, mask = ids.to(args.device), mask.to(args.device)
     caption_ids = data["caption_ids"].to(args.device)
+    group_ids = torch.as_tensor(data["groups"], device=args.device)
     params = [{"params": adapter.parameters(), "lr": args.lr_adapter},
               {"params": [p for p in joint.bert.parameters() if p.requires_grad], "lr": args.lr_joint},
               {"params": joint.head.parameters(), "lr": args.lr_adapter}]
@@ -316,8 +319,9 @@ def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
             adapter.train(), joint.train()
             trainer.set_lr(base_lrs, (time.time() - started) / (args.max_minutes_edje * 60))
             hard = 0 if trainer.step < args.random_only_steps else args.hard_negatives
+            siblings = same_group(group_ids, idx) if args.sibling_negatives else None
             loss, acc = edje_step(adapter, joint, patch, img_emb, txt_emb, ids, mask, idx,
-                                  identical(caption_ids, idx), hard, gen, args.device)
+                                  identical(caption_ids, idx), hard, gen, args.device, siblings)
             trainer.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
@@ -347,15 +351,23 @@ def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
     return final
 
 
-def edje_step(adapter, joint, patch, img_emb, txt_emb, ids, mask, idx, same_caption, hard, gen, device):
-    """One listwise ITM loss over a batch, both directions. Returns (loss, t2i accuracy)."""
+def same_group(group_ids: torch.Tensor, idx) -> torch.Tensor:
+    """(B, B) True where two batch items are variants of the same scene group."""
+    g = group_ids[torch.as_tensor(idx, device=group_ids.device)]
+    return g[:, None] == g[None, :]
+
+
+def edje_step(adapter, joint, patch, img_emb, txt_emb, ids, mask, idx, same_caption, hard, gen, device,
+              siblings=None):
+    """One listwise ITM loss over a batch, both directions. Returns (loss, t2i accuracy).
+    ``siblings`` (B, B) bool: a scene's minimal variants, taken first among the hard negatives."""
     b = len(idx)
     not_neg = same_caption | torch.eye(b, dtype=torch.bool, device=device)
     sim = txt_emb[idx] @ img_emb[idx].t()  # captions x images, from the frozen backbone
     lists_t2i, lists_i2t = [torch.arange(b, device=device)[:, None]], [torch.arange(b, device=device)[:, None]]
     if hard:
-        lists_t2i.append(hardest_negatives(sim, hard, not_neg))
-        lists_i2t.append(hardest_negatives(sim.t(), hard, not_neg.t()))
+        lists_t2i.append(hardest_negatives(sim, hard, not_neg, siblings))
+        lists_i2t.append(hardest_negatives(sim.t(), hard, not_neg.t(), None if siblings is None else siblings.t()))
     lists_t2i.append(random_negatives(not_neg, gen)[:, None])
     lists_i2t.append(random_negatives(not_neg.t(), gen)[:, None])
     t2i, i2t = torch.cat(lists_t2i, 1), torch.cat(lists_i2t, 1)  # (b, n) batch positions
@@ -486,6 +498,9 @@ def parse_args(argv):
                     help="BERT position ids of the image tokens: right after the text (they shift with "
                          "its length) or fixed, from max_text_tokens on")
     ap.add_argument("--hard_negatives", type=int, default=3)
+    ap.add_argument("--sibling_negatives", action=argparse.BooleanOptionalAction, default=True,
+                    help="after the random-only steps, a scene's minimal variants (same group) are taken "
+                         "first among the --hard_negatives, then the backbone's hardest")
     ap.add_argument("--random_only_steps", type=int, default=300, help="curriculum: random negatives first")
     ap.add_argument("--description", default="EDJE demo checkpoint trained on the compositional scenes benchmark")
     ap.add_argument("--test_data", default=None, help="scene shards of a test split: report the rerank gain at the end")

@@ -35,3 +35,18 @@ def test_clip_loss_masks_identical_captions():
     same[0, 1] = same[1, 0] = True
     masked = clip_loss(emb, emb, scale, same)
     assert masked < plain  # a masked competitor can only lower the loss
+
+
+def test_preferred_negatives_come_first_and_masks_still_hold():
+    sim = torch.tensor([[1.0, 0.9, 0.1, 0.2],
+                        [0.9, 1.0, 0.8, 0.3],
+                        [0.1, 0.8, 1.0, 0.7],
+                        [0.2, 0.3, 0.7, 1.0]])
+    eye = torch.eye(4, dtype=torch.bool)
+    prefer = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    got = hardest_negatives(sim, 2, eye, prefer)
+    assert got[0].tolist() == [3, 2]  # both preferred, the more similar first, before 0.9
+    assert got[1].tolist() == [3, 0]  # one preferred, then the hardest other (0.9)
+    assert got[3].tolist() == [2, 1]  # nothing preferred: plain hardest
+    masked = eye | torch.tensor([[0, 0, 0, 1]] + [[0, 0, 0, 0]] * 3, dtype=torch.bool)
+    assert 3 not in hardest_negatives(sim, 2, masked, prefer)[0].tolist()  # a mask beats a preference
