@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains several demo-checkpoint variants side by side on one GPU (one device call, ~8 minutes):
 #   scripts/sweep_demo_gpu.sh OUT_DIR
-# The clip stage is trained once per pooling type, then each edje variant starts from a copy of it.
+# The clip stage is trained once per pooling type (POOLS, default tok), then each edje variant starts from a copy of it.
 # OUT_DIR gets sweep.tgz (every variant's histories and test metrics) and the two best checkpoints
 # (by reranked - first-stage T2I R@1 on the test split) as ckpt-<variant>.tgz.part-*.
 set -uo pipefail
@@ -16,7 +16,7 @@ EDJE=(--test_data "$W/scenes/test/*.tar" --batch_size_edje 128 --lr_joint 1e-4 -
 python3 -m pipeline.make_scenes --split train --n ${TRAIN_N:-40000} --seed 0 --output "$W/scenes/train" &
 python3 -m pipeline.make_scenes --split test --n ${TEST_N:-2000} --seed 1 --output "$W/scenes/test" &
 wait
-for pool in tok avg; do
+for pool in ${POOLS:-tok}; do
   python3 -m pipeline.train --stage clip --output "$W/clip-$pool" --clip_pool $pool "${COMMON[@]}" \
     > "$W/clip-$pool.log" 2>&1 &
 done
@@ -27,10 +27,12 @@ variant() {  # name pool extra-args...
   python3 -m pipeline.train --stage edje --output "$W/run-$name" --clip_pool $pool "${COMMON[@]}" "${EDJE[@]}" "$@" \
     > "$W/run-$name.log" 2>&1
 }
-variant avg-m16-pos avg --num_tokens 16 --adapter_positions &
-variant avg-m32-pos avg --num_tokens 32 --adapter_positions &
-variant avg-m16 avg --num_tokens 16 &
+# Run 3 (BENCHMARKS.md) had tok/avg x m 16/32; avg pooling lost. Run 4 tests the probe's leads:
+# fixed image position ids and less compression.
 variant tok-m16-pos tok --num_tokens 16 --adapter_positions &
+variant tok-m16-pos-fixed tok --num_tokens 16 --adapter_positions --image_positions fixed &
+variant tok-m64-pos-fixed tok --num_tokens 64 --adapter_positions --image_positions fixed &
+variant tok-m64-fixed tok --num_tokens 64 --image_positions fixed &
 wait
 python3 - "$W" "$OUT" <<'PY'
 import glob, json, os, subprocess, sys
