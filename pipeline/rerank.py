@@ -5,7 +5,7 @@
 
 Each query is exploded into (query, candidate) requests; requests are routed through the store's
 id index to the shard holding the image, only the needed rows are read there and scored in
-batches (RunInference), then scores are grouped by query and ranked. Tokens never cross a
+full batches (same text together), then scores are grouped by query and ranked. Tokens never cross a
 shuffle. Output: one row per scored pair (query_id, image_id, rank, score, first_stage_score).
 Candidates not in the store, duplicate candidates and malformed queries are written to the
 failures file (JSONL), never silently dropped.
@@ -80,8 +80,7 @@ def run(argv=None, test_pipeline=None):
             | "ScorePairs" >> ScorePairs(store.path, handler)
             | "RankScores" >> RankScores(opts.fusion, opts.fusion_weight, opts.top_k))
     _ = rows | "WriteScores" >> WriteRows(opts.output, fmt, scores_schema(opts.fusion != "none"))
-    failures = (read["failures"], routed["failures"]) | "AllFailures" >> beam.Flatten()
-    _ = failures | "WriteFailures" >> WriteRows(failures_path, "jsonl")
+    _ = (read["failures"], routed["failures"]) | "WriteFailures" >> WriteRows(failures_path, "jsonl")
     result = pipeline.run()
     result.wait_until_finish()
     return summarize(opts.output, fmt, failures_path, time.time() - started)

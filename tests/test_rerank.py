@@ -166,3 +166,71 @@ def test_multi_processing_scores_equal_in_process(scored, demo_store, queries, t
     b = {key(r): r for r in pq.read_table(out).to_pylist()}
     assert set(a) == set(b)
     assert all(abs(a[k]["score"] - b[k]["score"]) <= 1e-5 and a[k]["rank"] == b[k]["rank"] for k in a)
+
+
+class _RecordingHandler:
+    """Stands in for JointScorerHandler: records each batch, scores a pair by its text and row."""
+    batch_size = 4
+
+    def __init__(self):
+        self.batches = []
+
+    def load_model(self):
+        return torch.nn.Identity()  # any weak-referenceable object
+
+    def run_inference(self, batch, model):
+        self.batches.append([text for text, _ in batch])
+        return [len(text) + float(tokens.sum()) for text, tokens in batch]
+
+
+def test_score_shard_scores_full_batches_grouped_by_text(demo_store):
+    from transforms.route_requests import Request
+    from transforms.score_pairs import _ScoreShard
+    store = TokenStore(demo_store[0])
+    shard = sorted(store.shards)[0]
+    ids, tokens, _ = store.read_rows(shard, list(range(6)))
+    texts = ["a much longer query text", "short", "mid text"]
+    routed = [(row, Request(f"q{t}", ids[row], texts[t], None)) for row in range(6) for t in range(3)]
+    handler = _RecordingHandler()
+    fn = _ScoreShard(demo_store[0], handler)
+    fn.setup()
+    out = list(fn.process((shard, list(reversed(routed)))))
+    # 18 pairs in batches of 4: full batches, the last one partial; one text at a time, shortest first
+    assert [len(b) for b in handler.batches] == [4, 4, 4, 4, 2]
+    flat = [t for b in handler.batches for t in b]
+    assert flat == sorted(flat, key=lambda t: (len(t), t))
+    assert len(out) == 18 and {(r.query_id, r.image_id) for r, _ in out} == {(r.query_id, r.image_id) for _, r in routed}
+    row_of = {i: n for n, i in enumerate(ids)}
+    for r, logit in out:  # each request gets its own pair's score, whatever its batch
+        assert logit == pytest.approx(len(r.text) + float(tokens[row_of[r.image_id]].sum()))
+
+
+def test_rerank_scores_do_not_depend_on_batch_size(scored, demo_store, queries, tmp_path):
+    out = tmp_path / "b3.parquet"
+    run_rerank(queries[0], demo_store[0], out, "--batch_size", "3")
+    key = lambda r: (r["query_id"], r["image_id"])
+    a = {key(r): r for r in pq.read_table(scored[0]).to_pylist()}
+    b = {key(r): r for r in pq.read_table(out).to_pylist()}
+    assert set(a) == set(b)
+    assert all(abs(a[k]["score"] - b[k]["score"]) <= 1e-5 for k in a)
+
+
+def test_write_rows_one_file_from_several_inputs_and_empty(tmp_path):
+    import apache_beam as beam
+    from schemas.scores import scores_schema
+    from transforms.write_output import WriteRows
+    rows = [{"query_id": "q", "image_id": f"i{n}", "rank": n + 1, "score": -n, "first_stage_score": None}
+            for n in range(3)]
+    with beam.Pipeline("DirectRunner") as p:
+        a = p | "A" >> beam.Create(rows[:2])
+        b = p | "B" >> beam.Create(rows[2:])
+        empty = p | "E" >> beam.Create([]) | beam.Filter(lambda r: False)
+        _ = (a, b) | "Jsonl" >> WriteRows(str(tmp_path / "both.jsonl"), "jsonl")
+        _ = a | "Parquet" >> WriteRows(str(tmp_path / "a.parquet"), "parquet", scores_schema(False))
+        _ = empty | "Empty" >> WriteRows(str(tmp_path / "empty.jsonl"), "jsonl")
+    got = [json.loads(l) for l in (tmp_path / "both.jsonl").read_text().splitlines()]
+    assert sorted(got, key=lambda r: r["rank"]) == rows
+    assert sorted(pq.read_table(tmp_path / "a.parquet").to_pylist(), key=lambda r: r["rank"]) == \
+        [dict(r, score=float(r["score"])) for r in rows[:2]]
+    assert (tmp_path / "empty.jsonl").read_text() == ""
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["a.parquet", "both.jsonl", "empty.jsonl"]  # no temp left
