@@ -158,11 +158,11 @@ def run_rerank(ckpt, queries, store, output):
 
 
 def bare_rerank(ckpt, texts, tokens, batch_size=64):
-    from models.checkpoint import load_joint_encoder
+    from models.checkpoint import load_scorer
     from models.joint_encoder import score_batch
     t_load = time.perf_counter()
     torch.set_num_threads(1)
-    model, tok, _, _ = load_joint_encoder(ckpt, "cpu")
+    model, tok, _, _ = load_scorer(ckpt, "cpu")  # what the job runs
     t0 = time.perf_counter()
     out = []
     with torch.inference_mode():

@@ -180,7 +180,7 @@ class Tokenizer:
 
 
 @torch.inference_mode()
-def score_batch(model: JointEncoder, tokenizer: Tokenizer, texts: List[str], image_tokens: np.ndarray,
+def score_batch(model: nn.Module, tokenizer: Tokenizer, texts: List[str], image_tokens: np.ndarray,
                 device: str = "cpu") -> np.ndarray:
     """Logits for pairs (texts[i], image_tokens[i]); image_tokens float32 (B, m, h)."""
     ids, mask = tokenizer(texts)

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from models.checkpoint import load_joint_encoder
+from models.checkpoint import load_scorer
 from models.joint_encoder import score_batch
 from schemas.reader import TokenStore
 
@@ -24,7 +24,7 @@ class Reranker:
         self.store = store if isinstance(store, TokenStore) else TokenStore(store)
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.model, self.tokenizer, self.config, fingerprint = load_joint_encoder(checkpoint, device)
+        self.model, self.tokenizer, self.config, fingerprint = load_scorer(checkpoint, device)
         self.store.require_fingerprint(fingerprint)
         self.device, self.batch_size = device, batch_size
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from apache_beam.ml.inference.base import ModelHandler
 
-from models.checkpoint import load_joint_encoder
+from models.checkpoint import load_scorer
 from models.joint_encoder import score_batch
 from transforms.vision_handler import resolve_device
 
@@ -26,7 +26,7 @@ class JointScorerHandler(ModelHandler[Pair, float, Any]):
 
     def load_model(self):
         torch.set_num_threads(self.torch_threads)
-        model, tokenizer, _, fingerprint = load_joint_encoder(self.checkpoint, resolve_device(self.device))
+        model, tokenizer, _, fingerprint = load_scorer(self.checkpoint, resolve_device(self.device))
         log.info("loaded joint encoder %s on %s", fingerprint[:12], self.device)
         model.tokenizer = tokenizer  # one object: Beam's model sharing keeps a weak reference to it
         return model
