@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Trains several demo-checkpoint variants side by side on one GPU (one device call, ~8 minutes):
-#   scripts/sweep_demo_gpu.sh OUT_DIR
+#   [OBJECTS=2|3 CLIP_MIN=2 EDJE_MIN=3 POOLS="tok avg"] scripts/sweep_demo_gpu.sh OUT_DIR
 # The clip stage is trained once per pooling type (POOLS, default tok), then each edje variant starts from a copy of it.
 # OUT_DIR gets sweep.tgz (every variant's histories and test metrics) and the two best checkpoints
 # (by reranked - first-stage T2I R@1 on the test split) as ckpt-<variant>.tgz.part-*.
@@ -13,8 +13,8 @@ COMMON=(--device ${DEVICE:-cuda} --seed 0 --data "$W/scenes/train/*.tar" --batch
 EDJE=(--test_data "$W/scenes/test/*.tar" --batch_size_edje 128 --lr_joint 1e-4 --lr_adapter 5e-4
       --max_minutes_edje ${EDJE_MIN:-3.0} --max_steps 8000 --warmup 300 --random_only_steps 500
       --hard_negatives 3 --joint_layers 3 --max_text_tokens 32)
-python3 -m pipeline.make_scenes --split train --n ${TRAIN_N:-40000} --seed 0 --output "$W/scenes/train" &
-python3 -m pipeline.make_scenes --split test --n ${TEST_N:-2000} --seed 1 --output "$W/scenes/test" &
+python3 -m pipeline.make_scenes --split train --n ${TRAIN_N:-40000} --seed 0 --objects ${OBJECTS:-2} --output "$W/scenes/train" &
+python3 -m pipeline.make_scenes --split test --n ${TEST_N:-2000} --seed 1 --objects ${OBJECTS:-2} --output "$W/scenes/test" &
 wait
 for pool in ${POOLS:-tok}; do
   python3 -m pipeline.train --stage clip --output "$W/clip-$pool" --clip_pool $pool "${COMMON[@]}" \
