@@ -20,6 +20,9 @@ measures:
 * score_spearman_int8_vs_fp32: Spearman of joint-encoder scores from stored int8 tokens vs fp32
   adapter outputs of the same decoded images, pooled over all rerank pairs (queries differ in text,
   which int8 does not touch); score_spearman_per_query_{min,mean} rank only each query's candidates.
+* score_spearman_int4_vs_fp32 (+ _per_query_{min,mean}): the same, with the same fp32 tokens put
+  through ``--quantization int4``'s encode + decode (int4_absmax_channel_token), on the same pairs;
+  int4_bytes_per_image_64x384 / int8_bytes_per_image_64x384: tokens + token_scales bytes per row.
 * rerank_rss_ratio_10x: peak RSS (ru_maxrss via os.wait4) of ``python -m pipeline.rerank`` on the
   same queries against a >=100k-image store / a >=10k-image store (random int8 tokens, written
   through the project's writer, real manifest + index).
@@ -430,6 +433,22 @@ def main(argv=None):
     res["token_max_err_over_absmax"] = float(rel.max())
     log(f"spearman int8 vs fp32: {res['score_spearman_int8_vs_fp32']}")
 
+    # -- int4 store scheme on the same pairs: the encoder's quantize + the readers' decode of fp32 tokens
+    from models.quantization import INT4, INT8, get_scheme
+    int4 = get_scheme(INT4)
+    res["int8_bytes_per_image_64x384"] = get_scheme(INT8).row_bytes(64, 384)
+    res["int4_bytes_per_image_64x384"] = int4.row_bytes(64, 384)
+    m, h = fp32_tok.shape[1:]
+    int4_tok = int4.decode(*int4.encode(fp32_tok), m, h)
+    _, _, int4_scores = bare_rerank(ckpt, texts, int4_tok)
+    res["score_spearman_int4_vs_fp32"] = round(spearman(int4_scores, fp32_scores), 6)
+    per_q4 = [spearman(int4_scores[i:i + n_cands], fp32_scores[i:i + n_cands]) for i in range(0, len(pairs), n_cands)]
+    res["score_spearman_int4_per_query_min"] = round(min(per_q4), 6)
+    res["score_spearman_int4_per_query_mean"] = round(float(np.mean(per_q4)), 6)
+    res["score_max_abs_diff_int4_vs_fp32"] = float(np.abs(int4_scores - fp32_scores).max())
+    res["token_rel_l2_err_int4"] = float(np.linalg.norm(int4_tok - fp32_tok) / np.linalg.norm(fp32_tok))
+    log(f"spearman int4 vs fp32: {res['score_spearman_int4_vs_fp32']}")
+
     # -- RSS: same queries against a >=10k and a >=100k store
     t = time.perf_counter()
     model = dict(manifest["model"])
@@ -460,6 +479,7 @@ def main(argv=None):
 
     goals = [("precompute_ratio", ">=", 0.85), ("rerank_ratio", ">=", 0.85),
              ("token_bytes_per_element", "<=", 1.05), ("score_spearman_int8_vs_fp32", ">=", 0.999),
+             ("int4_bytes_per_image_64x384", "<=", 13 * 1024), ("score_spearman_int4_vs_fp32", ">=", 0.995),
              ("rerank_rss_ratio_10x", "<=", 1.2)]
     print(f"\n  {'metric':<30} {'value':>10}  goal", file=sys.stderr)
     for k, op, g in goals:

@@ -1,8 +1,8 @@
-"""Precompute: WebDataset shards -> backbone + adapter -> int8 token store (Beam).
+"""Precompute: WebDataset shards -> backbone + adapter -> int8 (or int4) token store (Beam).
 
     python -m pipeline.precompute --runner=DirectRunner \\
         --input 'shards/{00000..00009}.tar' --output STORE [--checkpoint DIR] \\
-        [--batch_size N] [--device cpu|cuda] [--decode pil|torchvision]
+        [--batch_size N] [--device cpu|cuda] [--decode pil|torchvision] [--quantization int8|int4]
 
 One token shard per input shard, an id index, then ``manifest.json`` written last. Rerunning
 into the same store skips shards already committed with the same checkpoint.
@@ -18,6 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from pipeline._cli import BeamJobCLI, add_flag, beam_counters, finish, job_main
 from models.checkpoint import embedding_dim, fingerprint, read_config
+from models.quantization import CLI_NAMES, UnknownSchemeError, scheme_for_cli
 from schemas import columns as C
 from schemas import index as idx
 from schemas import manifest as mf
@@ -58,6 +59,11 @@ class PrecomputeOptions(PipelineOptions):
                       "torchvision (JPEGs decoded in batches with torchvision.io.decode_jpeg on --device, "
                       "nvjpeg on CUDA, and resized/cropped/normalised with torch ops there; other formats "
                       "and JPEGs it refuses fall back to PIL). Part of the stored bytes, like --batch_size")
+        add_flag(parser, "--quantization", default="int8",
+                 help="token quantization: int8 (int8_absmax_per_token, the default; 24,832 bytes per image "
+                      "at 64 x 384) or int4 (int4_absmax_channel_token: 4-bit values, float16 per-channel x "
+                      "per-token scales; 13,184 bytes at 64 x 384). A store holds one scheme: "
+                      "a different one needs a new --output. Choices: " + ", ".join(CLI_NAMES))
         add_flag(parser, "--torch_threads", type=int, default=1,
                             help="torch intra-op threads per worker; fixed so that results do not "
                                  "depend on the machine (parallelism comes from Beam workers)")
@@ -80,20 +86,25 @@ class PrecomputeOptions(PipelineOptions):
 CLI = BeamJobCLI("python -m pipeline.precompute", __doc__, PrecomputeOptions)
 
 
-def check_store_compatible(store: str, fp: str, names) -> None:
-    """Refuses to mix models in one store, or to drop committed shards from it.
+def check_store_compatible(store: str, fp: str, names, scheme: str = QUANT_SCHEME) -> None:
+    """Refuses to mix models or quantization schemes in one store, or to drop committed shards.
 
-    A different checkpoint needs a new --output. A rerun may add input shards (the store grows)
-    but must list every shard already committed, so the manifest never leaves one behind.
+    A different checkpoint or scheme needs a new --output. A rerun may add input shards (the store
+    grows) but must list every shard already committed, so the manifest never leaves one behind.
+    Stats records without a scheme were written before it could be chosen: int8.
     """
     if storage.exists(mf.manifest_path(store)):
         try:
-            existing = mf.read(store)["model"]["fingerprint"]
+            manifest = mf.read(store)
         except mf.ManifestError as e:
             raise SystemExit(f"error: {store} has an invalid manifest ({e}); use a new --output") from None
+        existing = manifest["model"]["fingerprint"]
         if existing != fp:
             raise SystemExit(f"error: {store} was built with checkpoint {existing[:12]}, this run uses "
                              f"{fp[:12]}; write to a new --output (a store holds one model's tokens)")
+        if manifest["quantization"]["scheme"] != scheme:
+            raise SystemExit(f"error: {store} holds {manifest['quantization']['scheme']} tokens, this run "
+                             f"writes {scheme}; write to a new --output (a store holds one scheme)")
     for path in storage.list_dir(storage.join(store, C.STATS_DIR)):
         if not path.endswith(".json"):
             continue
@@ -101,6 +112,9 @@ def check_store_compatible(store: str, fp: str, names) -> None:
         if rec and rec.get("fingerprint") not in (None, fp):
             raise SystemExit(f"error: {store} holds shards of checkpoint {rec['fingerprint'][:12]} "
                              f"({path}), this run uses {fp[:12]}; write to a new --output")
+        if rec and rec.get("quantization", QUANT_SCHEME) != scheme:
+            raise SystemExit(f"error: {store} holds {rec.get('quantization', QUANT_SCHEME)} shards ({path}), "
+                             f"this run writes {scheme}; write to a new --output (a store holds one scheme)")
         if rec and rec.get("status") == shard_stats.STATUS_OK and rec.get("name") not in names:
             raise SystemExit(f"error: {store} already holds shard {rec['name']!r} (from {rec.get('source')}), "
                              f"which --input does not list; rerun with every input of the store "
@@ -154,6 +168,10 @@ def run(argv=None, test_pipeline=None):
         CLI.error("--batch_size and --torch_threads must be >= 1, --index_buckets >= 0")
     if not 0 <= opts.max_failure_rate <= 1:
         CLI.error("--max_failure_rate must be between 0 and 1")
+    try:
+        scheme = scheme_for_cli(opts.quantization)
+    except UnknownSchemeError as e:
+        CLI.error(f"--quantization: {e}")
     started = time.time()
     store = opts.output.rstrip("/")
 
@@ -163,7 +181,7 @@ def run(argv=None, test_pipeline=None):
     if not plan.shards:
         raise SystemExit(f"error: no input shards match {opts.input!r}"
                          + (f" ({len(plan.missing)} listed paths do not exist)" if plan.missing else ""))
-    check_store_compatible(store, fp, {s.name for s in plan.shards})
+    check_store_compatible(store, fp, {s.name for s in plan.shards}, scheme)
     buckets = opts.index_buckets or idx.default_buckets(len(plan.shards))
     model = {"fingerprint": fp, "backbone": cfg.backbone.describe(), "num_tokens": cfg.adapter.num_tokens,
              "token_dim": cfg.adapter.output_dim, "embedding_dim": embedding_dim(cfg.backbone),
@@ -174,8 +192,8 @@ def run(argv=None, test_pipeline=None):
         batch_size=opts.batch_size, device=opts.device, precision=opts.precision,
         torch_threads=opts.torch_threads, max_member_bytes=opts.max_member_bytes,
         max_pixels=opts.max_image_pixels, max_failure_rate=opts.max_failure_rate,
-        failure_budget_min_samples=opts.failure_budget_min_samples, decode=opts.decode)
-    producer = {"quantization": QUANT_SCHEME, "batch_size": opts.batch_size, "precision": opts.precision,
+        failure_budget_min_samples=opts.failure_budget_min_samples, decode=opts.decode, quantization=scheme)
+    producer = {"quantization": scheme, "batch_size": opts.batch_size, "precision": opts.precision,
                 "torch_threads": opts.torch_threads, "device": opts.device, "decode": opts.decode}
 
     # The launcher's plan checks the input, sizes the index and drives the progress bar; the
@@ -191,7 +209,7 @@ def run(argv=None, test_pipeline=None):
     index_files = records | "WriteIndex" >> WriteIndex(store, buckets)
     _ = pipeline | "WriteManifest" >> WriteManifest(
         records, index_files, store=store, buckets=buckets, model=model,
-        inputs=opts.input, missing=plan.missing, producer=producer)
+        inputs=opts.input, missing=plan.missing, producer=producer, quantization=scheme)
 
     runner = options.view_as(StandardOptions).runner
     show = opts.progress == "on" or (opts.progress == "auto" and runner in LOCAL_RUNNERS)

@@ -3,7 +3,8 @@
     python -m pipeline.verify --store STORE
 
 Checks the manifest against the contract, every listed file's size and sha256, Parquet page
-checksums, each shard's schema and row count, ids unique across the store, the id index
+checksums, each shard's schema (column widths of the manifest's quantization scheme, and the
+scheme in the shard's metadata) and row count, ids unique across the store, the id index
 (every served id, pointing at the right row) and files under shards/ that the manifest does not
 list. Prints a JSON summary (ok, rows, unique_ids, failed, duplicates, problems naming the
 shard) and exits 1 on any problem.
@@ -18,7 +19,8 @@ from pipeline._cli import finish
 from schemas import columns as C
 from schemas import manifest as mf
 from schemas import storage
-from schemas.token_store import FAILURE_SCHEMA, INDEX_SCHEMA, token_schema
+from models.quantization import UnknownSchemeError
+from schemas.token_store import FAILURE_SCHEMA, INDEX_SCHEMA, QUANT_SCHEME, token_schema
 
 
 def _read_table(path, columns=None):
@@ -51,7 +53,11 @@ def verify(store: str, check_hash: bool = True) -> dict:
     except mf.ManifestError as e:
         return {"ok": False, "store": store, "problems": [{"shard": None, "problem": str(e)}]}
     model = manifest["model"]
-    schema = token_schema(model["num_tokens"], model["token_dim"], model["embedding_dim"])
+    scheme = manifest["quantization"]["scheme"]
+    try:
+        schema = token_schema(model["num_tokens"], model["token_dim"], model["embedding_dim"], scheme)
+    except UnknownSchemeError as e:
+        return {"ok": False, "store": store, "problems": [{"shard": None, "problem": str(e)}]}
     served = {}  # image_id -> (shard, row)
     duplicate_served = 0
     failed_rows = 0
@@ -65,7 +71,13 @@ def verify(store: str, check_hash: bool = True) -> dict:
             problems.append({"shard": s["name"], "problem": f"unreadable Parquet: {type(e).__name__}: {e}"})
             continue
         if not table.schema.remove_metadata().equals(schema):
-            problems.append({"shard": s["name"], "problem": "schema does not match the manifest's model dims"})
+            problems.append({"shard": s["name"], "problem": f"schema does not match the manifest's model dims "
+                                                            f"and quantization ({scheme})"})
+        # shards written before the scheme was choosable carry int8's name too; none is mixed in
+        declared = (table.schema.metadata or {}).get(b"edje.quantization", QUANT_SCHEME.encode()).decode()
+        if declared != scheme:
+            problems.append({"shard": s["name"], "problem": f"shard declares quantization {declared}, "
+                                                            f"the manifest {scheme}"})
         if table.num_rows != s["rows"]:
             problems.append({"shard": s["name"], "problem": f"{table.num_rows} rows, manifest says {s['rows']}"})
         for row, image_id in enumerate(table.column(C.IMAGE_ID).to_pylist()):

@@ -11,6 +11,7 @@ from schemas import columns as C
 from schemas import index as idx
 from schemas import manifest as mf
 from schemas import storage
+from models.quantization import UnknownSchemeError, get_scheme
 from schemas.token_store import binary_column_to_numpy
 
 
@@ -37,6 +38,10 @@ class TokenStore:
         self.fingerprint = model["fingerprint"]
         self.num_tokens, self.token_dim = model["num_tokens"], model["token_dim"]
         self.embedding_dim = model["embedding_dim"]
+        try:  # tokens are decoded by the scheme the store declares
+            self.scheme = get_scheme(self.manifest["quantization"]["scheme"])
+        except UnknownSchemeError as e:
+            raise StoreError(f"refusing store {self.path}: {e}") from None
         self.shards = {s["name"]: s for s in self.manifest["shards"]}
         self.buckets = self.manifest["index"]["buckets"]
 
@@ -92,10 +97,14 @@ class TokenStore:
             acc += meta.row_group(g).num_rows
         local = [offsets[g] + int(r - starts[g]) for r, g in zip(rows, np.searchsorted(starts, rows, side="right") - 1)]
         table = table.take(pa.array(local, pa.int64()))
-        q = binary_column_to_numpy(table.column(C.TOKENS), np.int8, (self.num_tokens, self.token_dim))
-        s = binary_column_to_numpy(table.column(C.TOKEN_SCALES), "<f4", (self.num_tokens,))
+        m, h, q = self.num_tokens, self.token_dim, self.scheme
+        for col, width in ((C.TOKENS, q.token_bytes(m, h)), (C.TOKEN_SCALES, q.scale_bytes(m, h))):
+            if table.schema.field(col).type.byte_width != width:
+                raise StoreError(f"{shard}: column {col} is not {q.name} at {m} x {h}")
+        tok = binary_column_to_numpy(table.column(C.TOKENS), np.uint8, (q.token_bytes(m, h),))
+        sc = binary_column_to_numpy(table.column(C.TOKEN_SCALES), np.uint8, (q.scale_bytes(m, h),))
         e = binary_column_to_numpy(table.column(C.EMBEDDING), "<f2", (self.embedding_dim,))
-        tokens = q.astype(np.float32) * s[..., None]
+        tokens = q.decode(tok, sc, m, h)
         return table.column(C.IMAGE_ID).to_pylist(), tokens, e.astype(np.float32)
 
     def get(self, image_ids: List[str]):

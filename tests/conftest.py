@@ -51,3 +51,11 @@ def demo_store(demo_dir, tmp_path_factory):
     store = tmp_path_factory.mktemp("demo_store") / "store"
     summary = run_precompute(f"{demo_dir}/{{00000..00002}}.tar", store)
     return store, summary
+
+
+@pytest.fixture(scope="session")
+def demo_store_int4(demo_dir, tmp_path_factory):
+    """demo_dir precomputed like demo_store, with --quantization int4: (path, summary)."""
+    store = tmp_path_factory.mktemp("demo_store_int4") / "store"
+    summary = run_precompute(f"{demo_dir}/{{00000..00002}}.tar", store, "--quantization", "int4")
+    return store, summary

@@ -159,3 +159,18 @@ def test_index_lookup(store, manifest, pa_ns):
         assert ns["bucket"] == idx.bucket_of(image_id, buckets)
         assert ns["record"]["image_id"] == image_id
         assert ns["record"] == by_id[image_id]
+
+
+def test_int4_snippet_decodes_like_the_project(demo_store_int4):
+    """The README's numpy-only int4 decode == models.quantization.decode_tokens, for every row."""
+    store, _ = demo_store_int4
+    ns = run_snippet("int4", store)
+    manifest = json.loads((store / "manifest.json").read_text())
+    n, d = manifest["model"]["num_tokens"], manifest["model"]["token_dim"]
+    rows = ns["table"].to_pylist()
+    assert ns["tokens"].shape == (len(rows), n, d) == (manifest["totals"]["rows"], n, d)
+    assert ns["q"].min() >= -7 and ns["q"].max() <= 7
+    for i, r in enumerate(rows):
+        np.testing.assert_array_equal(
+            ns["tokens"][i], decode_tokens(r["tokens"], r["token_scales"], n, d, manifest["quantization"]["scheme"]))
+    assert np.any(ns["tokens"] != 0)

@@ -20,10 +20,10 @@ import torch
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
-from models.quantization import quantize_int8
+from models.quantization import get_scheme
 from schemas import columns as C
 from schemas import shard_stats, storage
-from schemas.token_store import FAILURE_SCHEMA, QUANT_SCHEME, TOKEN_ROW_GROUP_SIZE, token_schema
+from schemas.token_store import FAILURE_SCHEMA, QUANT_SCHEME, TOKEN_ROW_GROUP_SIZE, shard_metadata, token_schema
 from transforms.image_decode import DecodeError, decode_image
 from transforms.tar_samples import ShardReadError, iter_samples
 from transforms.tensor_decode import DECODERS, TensorJpegDecoder, TensorPreprocess, fast_jpeg_size
@@ -32,9 +32,10 @@ from transforms.vision_handler import VisionModelHandler
 log = logging.getLogger(__name__)
 NAMESPACE = "edje_precompute"
 # Settings recorded per shard; a committed shard is reused only if all of them match.
-ENCODE_SETTINGS = ("batch_size", "precision", "torch_threads", "device", "max_member_bytes", "max_pixels", "decode")
+ENCODE_SETTINGS = ("batch_size", "precision", "torch_threads", "device", "max_member_bytes", "max_pixels", "decode",
+                   "quantization")
 # Value of a setting in stats records written before it existed (those shards used it).
-SETTING_DEFAULTS = {"decode": "pil"}
+SETTING_DEFAULTS = {"decode": "pil", "quantization": QUANT_SCHEME}
 
 
 def bad_samples(failures) -> int:
@@ -66,6 +67,7 @@ class EncodeConfig:
     max_member_bytes: int = 64 << 20
     max_pixels: int = 89_478_485
     decode: str = "pil"  # "pil", or "torchvision": JPEGs decoded + preprocessed on `device` in batches
+    quantization: str = QUANT_SCHEME  # a scheme name of models.quantization.SCHEMES
     max_failure_rate: float = 0.5
     failure_budget_min_samples: int = 20
 
@@ -116,9 +118,9 @@ class EncodeShardFn(beam.DoFn):
         if c.decode == "torchvision":
             self._jpeg_decoder = TensorJpegDecoder(c.device)
             self._tensor_preprocess = TensorPreprocess.for_backbone(self._model.backbone)
-        self._schema = token_schema(c.num_tokens, c.token_dim, c.embedding_dim).with_metadata({
-            "edje.fingerprint": c.fingerprint, "edje.quantization": QUANT_SCHEME,
-            "edje.num_tokens": str(c.num_tokens), "edje.token_dim": str(c.token_dim)})
+        self._scheme = get_scheme(c.quantization)
+        self._schema = token_schema(c.num_tokens, c.token_dim, c.embedding_dim, c.quantization).with_metadata(
+            shard_metadata(c.fingerprint, c.num_tokens, c.token_dim, c.quantization))
 
     def _committed(self, spec, digest):
         rec = shard_stats.read(self.cfg.store, spec.name)
@@ -225,13 +227,13 @@ class EncodeShardFn(beam.DoFn):
             outputs = self._handler.run_inference([p[1] for p in batch], self._model)
             for (key, _, caption, meta), out in zip(batch, outputs):
                 try:
-                    q, scales = quantize_int8(out.tokens[None])
+                    q, scales = self._scheme.encode(out.tokens[None])
                     if not np.isfinite(out.embedding).all():
                         raise ValueError("non-finite values in embedding")
                 except ValueError as e:
                     fail(key, C.STAGE_ENCODE, f"model output rejected: {e}")
                     continue
-                rows.append((key, q.tobytes(), scales.astype("<f4").tobytes(),
+                rows.append((key, q.tobytes(), scales.tobytes(),
                              out.embedding.astype("<f2").tobytes(), caption, meta))
 
         def drain(final=False):

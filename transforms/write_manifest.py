@@ -9,13 +9,14 @@ from schemas import columns as C
 from schemas import index as idx
 from schemas import manifest as mf
 from schemas import shard_stats, storage
+from models.quantization import get_scheme
 from schemas.token_store import QUANT_SCHEME
 from transforms.write_index import write_bucket
 
 log = logging.getLogger(__name__)
 
 
-def build_manifest(records, index_files, *, buckets, model, inputs, missing, producer):
+def build_manifest(records, index_files, *, buckets, model, inputs, missing, producer, quantization=QUANT_SCHEME):
     records = sorted(records, key=lambda r: r["ordinal"])
     ok = [r for r in records if r["status"] == shard_stats.STATUS_OK]
     bad = [r for r in records if r["status"] != shard_stats.STATUS_OK]
@@ -32,8 +33,7 @@ def build_manifest(records, index_files, *, buckets, model, inputs, missing, pro
         "format": mf.FORMAT, "version": mf.VERSION,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": model,
-        "quantization": {"scheme": QUANT_SCHEME, "dtype": "int8", "granularity": "token",
-                         "scale_dtype": "float32", "embedding_dtype": "float16"},
+        "quantization": get_scheme(quantization).manifest_entry(),
         "shards": shards,
         "failed_shards": failed_shards,
         "index": {"scheme": idx.SCHEME, "buckets": buckets,
@@ -63,12 +63,13 @@ def clean_debris(store: str, manifest: dict) -> None:
                 storage.delete_quietly([path])
 
 
-def commit_store(_, records, index_files, *, store, buckets, model, inputs, missing, producer):
+def commit_store(_, records, index_files, *, store, buckets, model, inputs, missing, producer,
+                 quantization=QUANT_SCHEME):
     written = {f["bucket"] for f in index_files}
     index_files = list(index_files) + [write_bucket(store, buckets, b, []) for b in range(buckets)
                                        if b not in written]
     manifest = build_manifest(records, index_files, buckets=buckets, model=model, inputs=inputs,
-                              missing=missing, producer=producer)
+                              missing=missing, producer=producer, quantization=quantization)
     mf.write(store, manifest)
     clean_debris(store, manifest)
     return manifest["totals"]
