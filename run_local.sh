@@ -35,7 +35,8 @@ case "$mode" in
       echo "== make_scenes: a test split of the compositional scenes benchmark ($SCENES)"
       "$PYBIN" -m pipeline.make_scenes --split test --n 200 --seed 1 --per_shard 50 --output "$SCENES"
     fi
-    SHARDS="$SCENES/{00000..00003}.tar"
+    last=$(( $(ls "$SCENES"/*.tar | wc -l) - 1 ))  # make_scenes rounds --per_shard to whole groups
+    SHARDS="$SCENES/{00000..$(printf %05d "$last")}.tar"
     rm -rf "$DEMO/store" "$DEMO/report"  # a fresh store each time (an older one may hold another checkpoint's tokens)
     echo "== precompute: shards -> token store ($DEMO/store)"
     "$PYBIN" -m pipeline.precompute --runner=DirectRunner --input "$SHARDS" --output "$DEMO/store"
