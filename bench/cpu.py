@@ -208,6 +208,15 @@ def spearman(a, b):
 
 
 # ---------------------------------------------------------------- synthetic stores for RSS
+def agreement(scores, fp32_scores, n_cands, name, per_query_prefix):
+    """Pooled and per-query (consecutive blocks of n_cands) Spearman of scores vs fp32, max |diff|."""
+    per_q = [spearman(scores[i:i + n_cands], fp32_scores[i:i + n_cands]) for i in range(0, len(scores), n_cands)]
+    return {f"score_spearman_{name}_vs_fp32": round(spearman(scores, fp32_scores), 6),
+            f"{per_query_prefix}_min": round(min(per_q), 6),
+            f"{per_query_prefix}_mean": round(float(np.mean(per_q)), 6),
+            f"score_max_abs_diff_{name}_vs_fp32": float(np.abs(scores - fp32_scores).max())}
+
+
 def write_synthetic_store(store, model, n_shards, rows_per_shard, seed=0, link_from=None):
     """Random int8 tokens through the project's writer; real manifest + index. With ``link_from``
     (a list of (name, path, info) already written), those shard files are hard-linked, not rewritten."""
@@ -423,11 +432,7 @@ def main(argv=None):
     fp32 = fp32_tokens(ckpt, shard_paths, {c for _, _, c in pairs})
     fp32_tok = np.stack([fp32[c] for _, _, c in pairs])
     _, _, fp32_scores = bare_rerank(ckpt, texts, fp32_tok)
-    res["score_spearman_int8_vs_fp32"] = round(spearman(bare_scores, fp32_scores), 6)
-    per_q = [spearman(bare_scores[i:i + n_cands], fp32_scores[i:i + n_cands]) for i in range(0, len(pairs), n_cands)]
-    res["score_spearman_per_query_min"] = round(min(per_q), 6)
-    res["score_spearman_per_query_mean"] = round(float(np.mean(per_q)), 6)
-    res["score_max_abs_diff_int8_vs_fp32"] = float(np.abs(bare_scores - fp32_scores).max())
+    res.update(agreement(bare_scores, fp32_scores, n_cands, "int8", "score_spearman_per_query"))
     res["score_std_across_pairs"] = float(np.std(fp32_scores))
     rel = np.abs(int8_tokens - fp32_tok).max(-1) / np.abs(fp32_tok).max(-1)
     res["token_max_err_over_absmax"] = float(rel.max())
@@ -441,11 +446,7 @@ def main(argv=None):
     m, h = fp32_tok.shape[1:]
     int4_tok = int4.decode(*int4.encode(fp32_tok), m, h)
     _, _, int4_scores = bare_rerank(ckpt, texts, int4_tok)
-    res["score_spearman_int4_vs_fp32"] = round(spearman(int4_scores, fp32_scores), 6)
-    per_q4 = [spearman(int4_scores[i:i + n_cands], fp32_scores[i:i + n_cands]) for i in range(0, len(pairs), n_cands)]
-    res["score_spearman_int4_per_query_min"] = round(min(per_q4), 6)
-    res["score_spearman_int4_per_query_mean"] = round(float(np.mean(per_q4)), 6)
-    res["score_max_abs_diff_int4_vs_fp32"] = float(np.abs(int4_scores - fp32_scores).max())
+    res.update(agreement(int4_scores, fp32_scores, n_cands, "int4", "score_spearman_int4_per_query"))
     res["token_rel_l2_err_int4"] = float(np.linalg.norm(int4_tok - fp32_tok) / np.linalg.norm(fp32_tok))
     log(f"spearman int4 vs fp32: {res['score_spearman_int4_vs_fp32']}")
 

@@ -157,13 +157,15 @@ def test_parquet_queries_and_mismatched_checkpoint(demo_store, queries, tmp_path
         Reranker(demo_store[0], checkpoint=tmp_path / "other")
 
 
+def rows_by_pair(path):
+    return {(r["query_id"], r["image_id"]): r for r in pq.read_table(path).to_pylist()}
+
+
 @pytest.mark.slow
 def test_multi_processing_scores_equal_in_process(scored, demo_store, queries, tmp_path):
     out = tmp_path / "mp.parquet"
     run_rerank(queries[0], demo_store[0], out, "--direct_num_workers=2", "--direct_running_mode=multi_processing")
-    key = lambda r: (r["query_id"], r["image_id"])
-    a = {key(r): r for r in pq.read_table(scored[0]).to_pylist()}
-    b = {key(r): r for r in pq.read_table(out).to_pylist()}
+    a, b = rows_by_pair(scored[0]), rows_by_pair(out)
     assert set(a) == set(b)
     assert all(abs(a[k]["score"] - b[k]["score"]) <= 1e-5 and a[k]["rank"] == b[k]["rank"] for k in a)
 
@@ -208,9 +210,7 @@ def test_score_shard_scores_full_batches_grouped_by_text(demo_store):
 def test_rerank_scores_do_not_depend_on_batch_size(scored, demo_store, queries, tmp_path):
     out = tmp_path / "b3.parquet"
     run_rerank(queries[0], demo_store[0], out, "--batch_size", "3")
-    key = lambda r: (r["query_id"], r["image_id"])
-    a = {key(r): r for r in pq.read_table(scored[0]).to_pylist()}
-    b = {key(r): r for r in pq.read_table(out).to_pylist()}
+    a, b = rows_by_pair(scored[0]), rows_by_pair(out)
     assert set(a) == set(b)
     assert all(abs(a[k]["score"] - b[k]["score"]) <= 1e-5 for k in a)
 
