@@ -7,6 +7,11 @@ layer maps them to the joint encoder's hidden width: (B, n, d_vision) -> (B, m, 
 Cross-attention over the patch tokens is blind to their order. ``grid`` > 0 (the backbone's patch
 grid side) adds fixed 2-D sine-cosine position codes to the keys and values (not in the paper:
 an option for tasks where *where* matters, such as the scenes benchmark's relations).
+``locality`` > 0 (with ``grid`` and a square ``num_tokens``) lays the queries out on a coarser
+grid and adds a learnable bias to their attention logits, initialised to a Gaussian prior
+exp(-d^2 / (2 (locality * cell)^2)) in log space: query k starts out reading its own cell of the
+image, so output token k keeps a place the joint encoder can see from the token's index; the
+bias is trained with everything else and can give the prior up.
 """
 import math
 from dataclasses import dataclass
@@ -26,6 +31,17 @@ class AdapterConfig(JsonConfig):
     mlp_dim: int = 3072
     layer_norm_eps: float = 1e-6
     grid: int = 0  # > 0: add 2-D position codes for a grid x grid patch layout
+    locality: float = 0.0  # > 0: learnable locality bias on the queries' attention (needs grid)
+
+    def __post_init__(self):
+        if self.locality and (not self.grid or math.isqrt(self.num_tokens) ** 2 != self.num_tokens):
+            raise ValueError("adapter locality needs grid > 0 and a square num_tokens")
+
+    def to_dict(self):
+        d = super().to_dict()
+        if not d["locality"]:
+            del d["locality"]  # checkpoints from before the option keep their fingerprint
+        return d
 
 
 class TokenCompressionAdapter(nn.Module):
@@ -45,6 +61,8 @@ class TokenCompressionAdapter(nn.Module):
         self.projection = nn.Linear(d, cfg.output_dim)
         if cfg.grid:
             self.register_buffer("positions", sincos_2d(cfg.grid, d), persistent=False)
+        if cfg.locality:
+            self.attention_bias = nn.Parameter(locality_prior(math.isqrt(cfg.num_tokens), cfg.grid, cfg.locality))
 
     def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         if self.cfg.grid:
@@ -52,7 +70,9 @@ class TokenCompressionAdapter(nn.Module):
                 raise ValueError(f"adapter expects {self.positions.shape[1]} patch tokens, got {patch_tokens.shape[1]}")
             patch_tokens = patch_tokens + self.positions.to(patch_tokens.dtype)
         queries = self.queries.expand(patch_tokens.shape[0], -1, -1)
-        x, _ = self.attention(queries, self.key(patch_tokens), self.value(patch_tokens), need_weights=False)
+        bias = self.attention_bias.to(patch_tokens.dtype) if self.cfg.locality else None
+        x, _ = self.attention(queries, self.key(patch_tokens), self.value(patch_tokens), attn_mask=bias,
+                              need_weights=False)
         x = x + self.mlp(self.norm(x))
         return self.projection(x)
 
@@ -70,3 +90,14 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
         angles = coord[:, None] * freq[None, :]
         parts += [angles.sin(), angles.cos()]
     return torch.cat(parts, dim=1).float().unsqueeze(0)
+
+
+def locality_prior(query_grid: int, patch_grid: int, width: float) -> torch.Tensor:
+    """(query_grid^2, patch_grid^2) log-Gaussian of the distance between each query's cell centre
+    and each patch centre, in units of one query cell (both grids row-major over the image)."""
+    q = (torch.arange(query_grid, dtype=torch.float64) + 0.5) / query_grid
+    p = (torch.arange(patch_grid, dtype=torch.float64) + 0.5) / patch_grid
+    qy, qx = torch.meshgrid(q, q, indexing="ij")
+    py, px = torch.meshgrid(p, p, indexing="ij")
+    d2 = ((qy.reshape(-1, 1) - py.reshape(1, -1)) ** 2 + (qx.reshape(-1, 1) - px.reshape(1, -1)) ** 2) * query_grid ** 2
+    return (-d2 / (2 * width ** 2)).float()

@@ -135,9 +135,10 @@ class JointEncoder(nn.Module):
         return self.bert.config.hidden_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                image_tokens: torch.Tensor) -> torch.Tensor:
+                image_tokens: torch.Tensor, return_hidden: bool = False):
         """input_ids/attention_mask: (B, T) tokenized ``[CLS] text [SEP]`` right-padded;
-        image_tokens: (B, m, h). Returns logits (B,)."""
+        image_tokens: (B, m, h). Returns logits (B,); with ``return_hidden`` also the last hidden
+        states (B, T + m + 1, h), whose first T positions are the text's (training objectives)."""
         b, t = input_ids.shape
         m = image_tokens.shape[1]
         emb = self.bert.embeddings.word_embeddings
@@ -162,7 +163,8 @@ class JointEncoder(nn.Module):
         position_ids = image_position_ids(pos, text_len, self.cfg)
         out = self.bert(inputs_embeds=inputs, attention_mask=mask, token_type_ids=token_type,
                         position_ids=position_ids)
-        return self.head(out.pooler_output).squeeze(-1).float()
+        logits = self.head(out.pooler_output).squeeze(-1).float()
+        return (logits, out.last_hidden_state) if return_hidden else logits
 
 
 class Tokenizer:

@@ -37,6 +37,46 @@ def random_negatives(not_negative: torch.Tensor, generator: torch.Generator = No
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
-def listwise_itm_loss(logits: torch.Tensor) -> torch.Tensor:
-    """(B, 1 + n) logits, column 0 the positive pair: softmax cross-entropy over each list."""
-    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+def listwise_itm_loss(logits: torch.Tensor, captions: torch.Tensor, images: torch.Tensor, n: int) -> torch.Tensor:
+    """Listwise ITM in both directions over scored pairs of a batch of n matching (caption, image)
+    items: pair p is (captions[p], images[p]) with logit logits[p], and (i, i) must be among them.
+    Caption i's softmax runs over every scored image of row i, image j's over every scored caption
+    of column j; the loss is the mean cross-entropy of the true partner, over both directions."""
+    matrix = torch.full((n, n), float("-inf"), dtype=logits.dtype, device=logits.device)
+    matrix = matrix.index_put((captions, images), logits)
+    target = torch.arange(n, device=logits.device)
+    return (F.cross_entropy(matrix, target) + F.cross_entropy(matrix.t(), target)) / 2
+
+
+def mask_tokens(ids: torch.Tensor, attention_mask: torch.Tensor, special: torch.Tensor, mask_id: int,
+                probability: float, generator: torch.Generator = None):
+    """BERT-style masking for the MLM objective: each real, non-special token of ``ids`` (B, T) is
+    replaced by ``mask_id`` with ``probability``, at least one per row that has any. Returns
+    (masked ids, labels) with labels -100 where nothing is to be predicted."""
+    candidate = attention_mask.bool() & ~torch.isin(ids, special)
+    draw = torch.rand(ids.shape, generator=generator, device=ids.device)
+    chosen = candidate & (draw < probability)
+    # Rows where the draw chose nothing: mask their highest-draw candidate instead.
+    fallback = draw.masked_fill(~candidate, -1.0).argmax(1)
+    empty = ~chosen.any(1) & candidate.any(1)
+    chosen[empty, fallback[empty]] = True
+    return ids.masked_fill(chosen, mask_id), ids.masked_fill(~chosen, -100)
+
+
+class MaskedLMHead(torch.nn.Module):
+    """BERT's MLM head over a joint encoder's text positions: dense + GELU + LayerNorm, then a
+    decoder tied to the (frozen) word embeddings. Training only: checkpoints do not store it."""
+
+    def __init__(self, word_embeddings: torch.nn.Embedding, layer_norm_eps: float = 1e-12):
+        super().__init__()
+        h = word_embeddings.embedding_dim
+        self.transform = torch.nn.Sequential(torch.nn.Linear(h, h), torch.nn.GELU(),
+                                             torch.nn.LayerNorm(h, eps=layer_norm_eps))
+        self._tied = [word_embeddings]  # shared, and kept out of this module's parameters and state
+        self.bias = torch.nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, h) at the text positions, labels (B, T) with -100 where unmasked."""
+        keep = labels != -100
+        logits = self.transform(hidden[keep]) @ self._tied[0].weight.t() + self.bias
+        return F.cross_entropy(logits.float(), labels[keep])

@@ -5,13 +5,15 @@
 Stage ``clip``: a small open_clip model trained contrastively on the scenes (the first-stage
 retriever and frozen backbone of the demo), until validation T2I R@1 stops improving.
 Stage ``edje``: backbone frozen; its patch tokens are computed once for all training images;
-adapter + joint encoder (MiniLM, first ``--joint_layers`` layers; word embeddings frozen) are
-trained with EDJE's listwise ITM objective in both directions: for each caption, its image
-against the hardest in-batch images (mined with the frozen backbone's own embeddings, masking the
-same image and identical captions) plus one random image; likewise for each image over captions.
-Batches are built from whole scene groups, so a scene's colour- and relation-swapped siblings are
-in the batch, and they are taken first among the hard negatives (``--sibling_negatives``): the
-frozen backbone that mines the rest may already tell them apart and so never pick them.
+adapter + joint encoder (MiniLM, first ``--joint_layers`` layers, or with ``--joint_width`` a
+narrower BERT whose embeddings are projected from MiniLM's; word embeddings frozen) are trained
+with EDJE's listwise ITM objective in both directions: for each caption, its image against the
+hardest in-batch images (mined with the frozen backbone's own embeddings, masking the same image
+and identical captions) plus one random image; likewise for each image over captions; each
+scored pair serves both directions. Batches are built from whole scene groups, so a scene's
+colour- and relation-swapped siblings are in the batch, and they are taken first among the hard
+negatives (``--sibling_negatives``): the frozen backbone that mines the rest may already tell
+them apart and so never pick them. Optional: MLM on the captions (``--mlm_weight``).
 Writes ``OUTPUT/checkpoint`` (config.json + model.safetensors); seeded; resumable from
 ``OUTPUT/<stage>/state.pt`` (tensors only, loaded with weights_only=True).
 """
@@ -35,8 +37,9 @@ from tqdm import tqdm
 from models.adapter import AdapterConfig, TokenCompressionAdapter
 from models.backbone import Backbone, BackboneConfig
 from models.checkpoint import CheckpointConfig, save_checkpoint
-from models.joint_encoder import MINILM_PACKAGE, JointEncoder, JointEncoderConfig, Tokenizer
-from models.losses import clip_loss, hardest_negatives, listwise_itm_loss, random_negatives
+from models.joint_encoder import MINILM_PACKAGE, JointEncoder, JointEncoderConfig, Tokenizer, resolve_base_model
+from models.losses import (MaskedLMHead, clip_loss, hardest_negatives, listwise_itm_loss, mask_tokens,
+                           random_negatives)
 from pipeline._cli import finish
 from transforms.image_decode import decode_image
 from transforms.tar_samples import iter_samples
@@ -287,14 +290,18 @@ def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
             img_emb.append(e.float())
             txt_emb.append(backbone.encode_text(tok_clip(data["captions"][i:i + 512]).to(args.device)).float())
     patch, img_emb, txt_emb = torch.cat(patch), torch.cat(img_emb), torch.cat(txt_emb)
-    adapter_cfg = AdapterConfig(num_tokens=args.num_tokens, input_dim=backbone.width, output_dim=384,
+    adapter_cfg = AdapterConfig(num_tokens=args.num_tokens, input_dim=backbone.width, output_dim=args.joint_width or 384,
                                 num_heads=max(1, backbone.width // 32), mlp_dim=4 * backbone.width,
-                                grid=backbone.clip.visual.grid_size[0] if args.adapter_positions else 0)
-    joint_cfg = JointEncoderConfig(base_model=MINILM_PACKAGE, bert_overrides={"num_hidden_layers": args.joint_layers},
-                                   max_text_tokens=args.max_text_tokens, image_positions=args.image_positions)
+                                grid=backbone.clip.visual.grid_size[0]
+                                if args.adapter_positions or args.adapter_locality else 0,
+                                locality=args.adapter_locality)
+    joint_cfg = joint_encoder_config(args)
     adapter = TokenCompressionAdapter(adapter_cfg).to(args.device)
-    joint = JointEncoder(joint_cfg).to(args.device)
-    joint.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # comes from the MiniLM package
+    joint = JointEncoder(joint_cfg)
+    if args.joint_width:
+        init_from_minilm(joint.bert)
+    joint = joint.to(args.device)
+    joint.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # MiniLM's, or their projection
     tokenizer = Tokenizer(joint_cfg)
     ids, mask = tokenizer(data["captions"])
     ids, mask = ids.to(args.device), mask.to(args.device)
@@ -304,8 +311,15 @@ def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
               {"params": [p for p in joint.bert.parameters() if p.requires_grad], "lr": args.lr_joint},
               {"params": joint.head.parameters(), "lr": args.lr_adapter}]
     base_lrs = [args.lr_adapter, args.lr_joint, args.lr_adapter]
-    trainer = Trainer(args, out, params, args.lr_joint)
     modules = {"adapter": adapter, "joint": joint}
+    mlm = None
+    if args.mlm_weight:
+        mlm = Mlm(MaskedLMHead(joint.bert.embeddings.word_embeddings, joint.bert.config.layer_norm_eps).to(args.device),
+                  tokenizer, args.mlm_weight, args.mlm_probability, args.device)
+        params.append({"params": mlm.head.parameters(), "lr": args.lr_adapter})
+        base_lrs.append(args.lr_adapter)
+        modules["mlm"] = mlm.head
+    trainer = Trainer(args, out, params, args.lr_joint)
     cfg = CheckpointConfig(backbone.cfg, adapter_cfg, joint_cfg, description=args.description)
     if not (out / "done.json").exists():
         trainer.resume(modules)
@@ -321,7 +335,7 @@ def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
             hard = 0 if trainer.step < args.random_only_steps else args.hard_negatives
             siblings = same_group(group_ids, idx) if args.sibling_negatives else None
             loss, acc = edje_step(adapter, joint, patch, img_emb, txt_emb, ids, mask, idx,
-                                  identical(caption_ids, idx), hard, gen, args.device, siblings)
+                                  identical(caption_ids, idx), hard, gen, args.device, siblings, mlm)
             trainer.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
@@ -340,15 +354,52 @@ def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
         (out / "done.json").write_text(json.dumps({"step": trainer.step, "best_val_group_acc": trainer.best,
                                                    "seconds": round(time.time() - started, 1)}))
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True) if (out / "best.pt").exists() else None
-    if best:
+    if best:  # (the MLM head is training-only)
         adapter.load_state_dict(best["adapter"])
         joint.load_state_dict(best["joint"])
-    joint_state = {k: v for k, v in joint.state_dict().items() if k != "bert.embeddings.word_embeddings.weight"}
+    joint_state = {k: v for k, v in joint.state_dict().items()  # MiniLM's own embeddings load from the package
+                   if args.joint_width or k != "bert.embeddings.word_embeddings.weight"}
     final = Path(args.output) / "checkpoint"
     fp = save_checkpoint(final, cfg, {"backbone": backbone, "adapter": adapter, "joint": joint_state},
                          dtype=torch.float16)
     log.info("wrote %s (fingerprint %s)", final, fp)
     return final
+
+
+def joint_encoder_config(args) -> JointEncoderConfig:
+    """The first ``--joint_layers`` MiniLM layers, or (``--joint_width``) a narrower BERT of that many
+    layers with MiniLM's vocabulary, initialised by ``init_from_minilm``."""
+    common = dict(max_text_tokens=args.max_text_tokens, image_positions=args.image_positions)
+    if not args.joint_width:
+        return JointEncoderConfig(base_model=MINILM_PACKAGE, bert_overrides={"num_hidden_layers": args.joint_layers},
+                                  **common)
+    from transformers import BertConfig
+    base = BertConfig.from_pretrained(str(resolve_base_model(MINILM_PACKAGE)))
+    w = args.joint_width
+    bert = {"vocab_size": base.vocab_size, "hidden_size": w, "num_hidden_layers": args.joint_layers,
+            "num_attention_heads": max(1, w // 32), "intermediate_size": 4 * w,
+            "max_position_embeddings": base.max_position_embeddings, "type_vocab_size": base.type_vocab_size,
+            "pad_token_id": base.pad_token_id, "layer_norm_eps": base.layer_norm_eps}
+    return JointEncoderConfig(base_model=None, tokenizer=MINILM_PACKAGE, bert_overrides=bert, **common)
+
+
+@torch.no_grad()
+def init_from_minilm(bert) -> None:
+    """A narrow BERT's word and position embeddings from MiniLM's, projected on the top principal
+    directions of MiniLM's word embeddings (words keep their neighbours) and rescaled to BERT's
+    initial spread; the layers stay randomly initialised."""
+    from safetensors.torch import load_file
+    base = resolve_base_model(MINILM_PACKAGE)
+    state = load_file(str(next(p for p in sorted(base.iterdir()) if p.suffix == ".safetensors")))
+    word = next(v for k, v in state.items() if k.endswith("embeddings.word_embeddings.weight")).double()
+    position = next(v for k, v in state.items() if k.endswith("embeddings.position_embeddings.weight")).double()
+    w = bert.config.hidden_size
+    mean = word.mean(0)
+    basis = torch.linalg.svd(word - mean, full_matrices=False).Vh[:w].t()  # (384, w)
+    projected = (word - mean) @ basis
+    scale = bert.config.initializer_range / projected.std()
+    bert.embeddings.word_embeddings.weight.copy_(projected * scale)
+    bert.embeddings.position_embeddings.weight.copy_(((position - position.mean(0)) @ basis) * scale)
 
 
 def same_group(group_ids: torch.Tensor, idx) -> torch.Tensor:
@@ -357,29 +408,55 @@ def same_group(group_ids: torch.Tensor, idx) -> torch.Tensor:
     return g[:, None] == g[None, :]
 
 
+class Mlm:
+    """The optional MLM objective: each step, the batch's captions with some tokens masked are read
+    with their own images' tokens, and the masked words predicted (weight ``weight`` in the loss)."""
+
+    def __init__(self, head, tokenizer, weight, probability, device):
+        self.head, self.weight, self.probability = head, weight, probability
+        tok = tokenizer.tok
+        self.mask_id = tok.mask_token_id
+        self.special = torch.as_tensor(sorted(set(tok.all_special_ids)), device=device)
+
+    def loss(self, joint, ids, mask, tokens, gen):
+        masked, labels = mask_tokens(ids, mask, self.special, self.mask_id, self.probability, gen)
+        _, hidden = joint(masked, mask, tokens, return_hidden=True)
+        return self.head.loss(hidden[:, :ids.shape[1]], labels)
+
+
 def edje_step(adapter, joint, patch, img_emb, txt_emb, ids, mask, idx, same_caption, hard, gen, device,
-              siblings=None):
+              siblings=None, mlm=None):
     """One listwise ITM loss over a batch, both directions. Returns (loss, t2i accuracy).
-    ``siblings`` (B, B) bool: a scene's minimal variants, taken first among the hard negatives."""
+
+    The pairs scored are the positives, each caption's ``hard`` hardest images and each image's
+    hardest captions (``siblings`` (B, B) bool: a scene's minimal variants, taken first), and one
+    random negative per caption and per image. Each pair is scored once and serves both
+    directions: caption i's softmax runs over every scored pair in row i of the (captions x
+    images) matrix, image j's over column j. With whole scene groups in the batch, a group's
+    16 caption-image pairs cover both directions' sibling negatives. ``mlm``: an ``Mlm`` whose
+    weighted loss on the batch's positives is added."""
     b = len(idx)
+    rows = torch.arange(b, device=device)
     not_neg = same_caption | torch.eye(b, dtype=torch.bool, device=device)
     sim = txt_emb[idx] @ img_emb[idx].t()  # captions x images, from the frozen backbone
-    lists_t2i, lists_i2t = [torch.arange(b, device=device)[:, None]], [torch.arange(b, device=device)[:, None]]
+    scored = torch.eye(b, dtype=torch.bool, device=device)
     if hard:
-        lists_t2i.append(hardest_negatives(sim, hard, not_neg, siblings))
-        lists_i2t.append(hardest_negatives(sim.t(), hard, not_neg.t(), None if siblings is None else siblings.t()))
-    lists_t2i.append(random_negatives(not_neg, gen)[:, None])
-    lists_i2t.append(random_negatives(not_neg.t(), gen)[:, None])
-    t2i, i2t = torch.cat(lists_t2i, 1), torch.cat(lists_i2t, 1)  # (b, n) batch positions
-    rows = torch.arange(b, device=device)[:, None]
-    cap = torch.cat([rows.expand_as(t2i), i2t]).reshape(-1)  # caption position per pair
-    img = torch.cat([t2i, rows.expand_as(i2t)]).reshape(-1)  # image position per pair
+        scored[rows[:, None], hardest_negatives(sim, hard, not_neg, siblings)] = True
+        scored[hardest_negatives(sim.t(), hard, not_neg.t(), None if siblings is None else siblings.t()),
+               rows[:, None]] = True
+    scored[rows, random_negatives(not_neg, gen)] = True
+    scored[random_negatives(not_neg.t(), gen), rows] = True
+    cap, img = scored.nonzero(as_tuple=True)
+    batch_ids, batch_mask = ids[idx], mask[idx]
+    width = int(batch_mask.sum(1).max())  # drop the padding no caption of this batch needs
     with autocast(device):
         tokens = adapter(patch[idx])
-        logits = joint(ids[idx][cap], mask[idx][cap], tokens[img]).float().reshape(2 * b, -1)
-    loss = listwise_itm_loss(logits)
-    acc = (logits[:b].argmax(1) == 0).float().mean().item()
-    return loss, acc
+        logits = joint(batch_ids[cap, :width], batch_mask[cap, :width], tokens[img]).float()
+        loss = listwise_itm_loss(logits, cap, img, b)
+        if mlm is not None:
+            loss = loss + mlm.weight * mlm.loss(joint, batch_ids[:, :width], batch_mask[:, :width], tokens, gen)
+    t2i = torch.full((b, b), float("-inf"), device=device).index_put((cap, img), logits.detach())
+    return loss, (t2i.argmax(1) == rows).float().mean().item()
 
 
 @torch.no_grad()
@@ -492,7 +569,13 @@ def parse_args(argv):
     ap.add_argument("--num_tokens", type=int, default=16, help="adapter output tokens m")
     ap.add_argument("--adapter_positions", action="store_true",
                     help="add 2-D position codes to the patch tokens the adapter attends over")
+    ap.add_argument("--adapter_locality", type=float, default=0.0,
+                    help="> 0: lay the adapter's queries out on a grid, each starting out attending to its "
+                         "own cell (Gaussian prior of this width in cells, learnable; implies position codes)")
     ap.add_argument("--joint_layers", type=int, default=3, help="MiniLM layers kept in the joint encoder")
+    ap.add_argument("--joint_width", type=int, default=0,
+                    help="> 0: a narrower joint encoder of this width (MiniLM's vocabulary, embeddings "
+                         "projected from MiniLM's, stored in the checkpoint) instead of MiniLM's own 384")
     ap.add_argument("--max_text_tokens", type=int, default=32)
     ap.add_argument("--image_positions", choices=["after_text", "fixed"], default="after_text",
                     help="BERT position ids of the image tokens: right after the text (they shift with "
@@ -501,6 +584,9 @@ def parse_args(argv):
     ap.add_argument("--sibling_negatives", action=argparse.BooleanOptionalAction, default=True,
                     help="after the random-only steps, a scene's minimal variants (same group) are taken "
                          "first among the --hard_negatives, then the backbone's hardest")
+    ap.add_argument("--mlm_weight", type=float, default=0.0,
+                    help="> 0: add the MLM objective on the captions (read with their own image), this weight")
+    ap.add_argument("--mlm_probability", type=float, default=0.3, help="share of caption tokens masked for MLM")
     ap.add_argument("--random_only_steps", type=int, default=300, help="curriculum: random negatives first")
     ap.add_argument("--description", default="EDJE demo checkpoint trained on the compositional scenes benchmark")
     ap.add_argument("--test_data", default=None, help="scene shards of a test split: report the rerank gain at the end")

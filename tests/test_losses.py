@@ -1,6 +1,6 @@
 import torch
 
-from models.losses import clip_loss, hardest_negatives, listwise_itm_loss, random_negatives
+from models.losses import clip_loss, hardest_negatives, listwise_itm_loss, mask_tokens, random_negatives
 
 
 def test_hardest_negative_is_the_most_similar_non_match_and_masks_hold():
@@ -20,11 +20,23 @@ def test_hardest_negative_is_the_most_similar_non_match_and_masks_hold():
         assert not mask[torch.arange(4), r].any()
 
 
-def test_listwise_loss_prefers_positive_first():
-    good = torch.tensor([[5.0, 0.0, -1.0]])
-    bad = torch.tensor([[0.0, 5.0, -1.0]])
-    assert listwise_itm_loss(good) < listwise_itm_loss(bad)
-    assert torch.isclose(listwise_itm_loss(torch.zeros(1, 4)), torch.log(torch.tensor(4.0)))
+def test_listwise_loss_prefers_positive_first_and_ignores_unscored_pairs():
+    cap = torch.tensor([0, 0, 1, 1, 2])
+    img = torch.tensor([0, 1, 1, 0, 2])
+    good = listwise_itm_loss(torch.tensor([5.0, 0.0, 5.0, 0.0, 1.0]), cap, img, 3)
+    bad = listwise_itm_loss(torch.tensor([0.0, 5.0, 0.0, 5.0, 1.0]), cap, img, 3)
+    assert good < bad
+    # Rows 0, 1 and columns 0, 1 are 2-way softmaxes at equal logits; item 2 has only its positive.
+    even = listwise_itm_loss(torch.zeros(5), cap, img, 3)
+    assert torch.isclose(even, torch.log(torch.tensor(2.0)) * 2 / 3)
+    # By hand: row 0 softmax over (0,0), (0,1); column 1 over (0,1), (1,1); and so on.
+    logits = torch.tensor([1.0, -1.0, 2.0, 0.5, 3.0], requires_grad=True)
+    ce = lambda pos, other: -torch.log_softmax(torch.stack([pos, other]), 0)[0]
+    rows = ce(logits[0], logits[1]) + ce(logits[2], logits[3]) + 0
+    cols = ce(logits[0], logits[3]) + ce(logits[2], logits[1]) + 0
+    assert torch.isclose(listwise_itm_loss(logits, cap, img, 3), (rows + cols) / 6)
+    listwise_itm_loss(logits, cap, img, 3).backward()
+    assert torch.isfinite(logits.grad).all()
 
 
 def test_clip_loss_masks_identical_captions():
@@ -50,3 +62,19 @@ def test_preferred_negatives_come_first_and_masks_still_hold():
     assert got[3].tolist() == [2, 1]  # nothing preferred: plain hardest
     masked = eye | torch.tensor([[0, 0, 0, 1]] + [[0, 0, 0, 0]] * 3, dtype=torch.bool)
     assert 3 not in hardest_negatives(sim, 2, masked, prefer)[0].tolist()  # a mask beats a preference
+
+
+def test_mask_tokens_masks_only_real_non_special_tokens_at_least_one_per_row():
+    ids = torch.tensor([[101, 7, 8, 9, 102, 0], [101, 5, 102, 0, 0, 0], [101, 102, 0, 0, 0, 0]])
+    mask = (ids != 0).long()
+    special = torch.tensor([0, 101, 102, 103])
+    g = torch.Generator().manual_seed(0)
+    for p in (0.0, 0.3, 1.0):
+        masked, labels = mask_tokens(ids, mask, special, 103, p, g)
+        chosen = labels != -100
+        assert not chosen[torch.isin(ids, special)].any()  # [CLS], [SEP], padding never
+        assert chosen[0].sum() >= 1 and chosen[1].tolist() == [False, True, False, False, False, False]
+        assert not chosen[2].any()  # nothing to mask in an empty caption
+        assert (masked[chosen] == 103).all() and (masked[~chosen] == ids[~chosen]).all()
+        assert (labels[chosen] == ids[chosen]).all()
+    assert (mask_tokens(ids, mask, special, 103, 1.0, g)[1][0, 1:4] != -100).all()

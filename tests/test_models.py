@@ -145,3 +145,22 @@ def test_adapter_is_blind_to_patch_order_unless_given_positions():
         placed.queries.mul_(50)  # trained queries attend selectively; at init they nearly average
         assert not torch.allclose(placed(x), placed(x[:, perm]), atol=1e-2)
     assert "positions" not in placed.state_dict()  # fixed codes: nothing stored in checkpoints
+
+
+def test_adapter_locality_starts_each_query_on_its_own_cell_and_round_trips():
+    torch.manual_seed(0)
+    cfg = AdapterConfig(num_tokens=4, input_dim=64, output_dim=32, num_heads=4, mlp_dim=64, grid=4, locality=0.5)
+    adapter = TokenCompressionAdapter(cfg).eval()
+    # Query k of the 2x2 layout reads the 2x2 block of patches in its quadrant; mark one quadrant.
+    x = torch.zeros(1, 16, 64)
+    top_left = [0, 1, 4, 5]
+    x[0, top_left] = 5.0
+    with torch.no_grad():
+        out = adapter(x)
+    changed = (out - adapter(torch.zeros(1, 16, 64))).norm(dim=-1)[0]
+    assert changed.argmax().item() == 0 and changed[0] > 3 * changed[3]
+    assert cfg.to_dict()["locality"] == 0.5 and AdapterConfig.from_dict(cfg.to_dict()) == cfg
+    assert "locality" not in AdapterConfig(grid=4).to_dict()  # older checkpoints keep their fingerprint
+    assert adapter.state_dict()["attention_bias"].shape == (4, 16)  # learnable: stored in checkpoints
+    with pytest.raises(ValueError):
+        AdapterConfig(num_tokens=8, grid=4, locality=0.5)

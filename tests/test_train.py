@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from models.checkpoint import load_joint_encoder, load_vision_encoder
+from models.checkpoint import load_joint_encoder, load_scorer, load_vision_encoder
 from pipeline import make_scenes, train
 
 
@@ -51,3 +51,28 @@ def test_short_training_run_lowers_the_loss_and_writes_a_usable_checkpoint(scene
     before = (out / "edje" / "done.json").read_text()
     train.run(["--data", f"{scenes}/train/*.tar", "--output", str(out), *ARGS])
     assert (out / "edje" / "done.json").read_text() == before
+
+
+def test_narrow_joint_encoder_with_mlm_and_local_adapter_trains_and_loads(scenes, tmp_path):
+    out = tmp_path / "run"
+    final = train.run(["--data", f"{scenes}/train/*.tar", "--output", str(out), *ARGS, "--joint_width", "64",
+                       "--mlm_weight", "0.5", "--adapter_locality", "0.5", "--image_positions", "fixed"])
+    edje = json.loads((out / "edje" / "history.json").read_text())
+    assert len(edje) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in edje)
+    encoder, cfg, _ = load_vision_encoder(final)
+    joint, tokenizer, _, _ = load_joint_encoder(final)
+    assert cfg.adapter.locality == 0.5 and cfg.adapter.output_dim == joint.hidden_size == 64
+    assert cfg.joint_encoder.base_model is None and cfg.joint_encoder.image_positions == "fixed"
+    from safetensors import safe_open
+    with safe_open(str(final / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    # A narrow encoder's embeddings are its own (projected from MiniLM's): stored. The MLM head is
+    # training-only: not stored.
+    assert "joint.bert.embeddings.word_embeddings.weight" in keys and "adapter.attention_bias" in keys
+    assert {k.split(".")[0] for k in keys} == {"backbone", "adapter", "joint"}
+    tokens, _ = encoder(torch.rand(2, 3, 64, 64))
+    ids, mask = tokenizer(["a red circle left of a blue square", "a blue square"])
+    # The jobs score with the fused scorer: same logits as the training-time module.
+    scorer, _, _, _ = load_scorer(final)
+    with torch.no_grad():
+        assert torch.allclose(scorer(ids, mask, tokens), joint(ids, mask, tokens), atol=1e-4)
