@@ -27,12 +27,14 @@ variant() {  # name pool extra-args...
   python3 -m pipeline.train --stage edje --output "$W/run-$name" --clip_pool $pool "${COMMON[@]}" "${EDJE[@]}" "$@" \
     > "$W/run-$name.log" 2>&1
 }
-# Run 3 (BENCHMARKS.md) had tok/avg x m 16/32; avg pooling lost. Run 4 tests the probe's leads:
-# fixed image position ids and less compression.
-variant tok-m16-pos tok --num_tokens 16 --adapter_positions &
+# Run 3 (BENCHMARKS.md) had tok/avg x m 16/32; avg pooling lost and the joint encoder stayed
+# blind to the relation. Run 4 tests what should give it the layout: fixed image position ids with
+# adapter position codes (control), the locality prior (query k starts on its own cell), the same
+# plus MLM on the captions, and less compression.
 variant tok-m16-pos-fixed tok --num_tokens 16 --adapter_positions --image_positions fixed &
+variant tok-m16-loc-fixed tok --num_tokens 16 --adapter_locality 0.5 --image_positions fixed &
+variant tok-m16-loc-fixed-mlm tok --num_tokens 16 --adapter_locality 0.5 --image_positions fixed --mlm_weight 0.3 &
 variant tok-m64-pos-fixed tok --num_tokens 64 --adapter_positions --image_positions fixed &
-variant tok-m64-fixed tok --num_tokens 64 --image_positions fixed &
 wait
 python3 - "$W" "$OUT" <<'PY'
 import glob, json, os, subprocess, sys
