@@ -15,6 +15,7 @@ from schemas.reader import StoreError, TokenStore
 from tests.conftest import BEAM_LOCAL, demo_members
 from tests.test_models import small_checkpoint
 from transforms.image_decode import decode_image
+from transforms.joint_handler import JointScorerHandler
 
 TEXTS = ["an astronaut in a white suit", "a tabby cat", "a cup of coffee", "a rocket on a launch pad",
          "gravel", "a page of printed text"]
@@ -170,19 +171,16 @@ def test_multi_processing_scores_equal_in_process(scored, demo_store, queries, t
     assert all(abs(a[k]["score"] - b[k]["score"]) <= 1e-5 and a[k]["rank"] == b[k]["rank"] for k in a)
 
 
-class _RecordingHandler:
-    """Stands in for JointScorerHandler: records each batch, scores a pair by its text and row."""
-    batch_size = 4
+class _RecordingHandler(JointScorerHandler):
+    """The real handler (default checkpoint, batches of 4), also keeping each batch's texts."""
 
     def __init__(self):
+        super().__init__(None, batch_size=4)
         self.batches = []
 
-    def load_model(self):
-        return torch.nn.Identity()  # any weak-referenceable object
-
-    def run_inference(self, batch, model):
+    def run_inference(self, batch, model, inference_args=None):
         self.batches.append([text for text, _ in batch])
-        return [len(text) + float(tokens.sum()) for text, tokens in batch]
+        return super().run_inference(batch, model, inference_args)
 
 
 def test_score_shard_scores_full_batches_grouped_by_text(demo_store):
@@ -202,9 +200,12 @@ def test_score_shard_scores_full_batches_grouped_by_text(demo_store):
     flat = [t for b in handler.batches for t in b]
     assert flat == sorted(flat, key=lambda t: (len(t), t))
     assert len(out) == 18 and {(r.query_id, r.image_id) for r, _ in out} == {(r.query_id, r.image_id) for _, r in routed}
+    # Each request gets its own pair's score, whatever its batch: the same pair scored alone.
+    model = handler.load_model()
     row_of = {i: n for n, i in enumerate(ids)}
-    for r, logit in out:  # each request gets its own pair's score, whatever its batch
-        assert logit == pytest.approx(len(r.text) + float(tokens[row_of[r.image_id]].sum()))
+    for r, logit in out:
+        alone = handler.run_inference([(r.text, tokens[row_of[r.image_id]])], model)[0]
+        assert logit == pytest.approx(alone, abs=1e-5)
 
 
 def test_rerank_scores_do_not_depend_on_batch_size(scored, demo_store, queries, tmp_path):
