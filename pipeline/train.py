@@ -470,6 +470,7 @@ def eval_edje(adapter, joint, patch, ids, mask, val_idx, groups, device, variant
     for pos, gid in enumerate(g):
         by_group.setdefault(gid, []).append(pos)
     correct_t2i = correct_i2t = total = 0
+    spreads = []
     vidx = torch.as_tensor(val_idx, device=device)
     with autocast(device):
         tokens = torch.cat([adapter(patch[vidx[i:i + 512]]) for i in range(0, len(vidx), 512)]).float()
@@ -481,6 +482,7 @@ def eval_edje(adapter, joint, patch, ids, mask, val_idx, groups, device, variant
         with autocast(device):
             s = joint(ids[vidx[cap]], mask[vidx[cap]], tokens[img]).float().reshape(n, n)
         target = torch.arange(n, device=device)
+        spreads.append(s.std().item() if n > 1 else 0.0)
         hits = (s.argmax(1) == target).tolist()
         correct_t2i += sum(hits)
         correct_i2t += (s.argmax(0) == target).sum().item()
@@ -489,7 +491,9 @@ def eval_edje(adapter, joint, patch, ids, mask, val_idx, groups, device, variant
             for pos, hit in zip(members, hits):
                 v = int(variants[val_idx[pos]])
                 per_variant.setdefault(v, []).append(hit)
-    out = {"val_group_acc": round(100 * correct_t2i / total, 2), "val_group_acc_i2t": round(100 * correct_i2t / total, 2)}
+    # The scores' spread within a group: near 0 means a collapsed scorer (the same score for every pair).
+    out = {"val_group_acc": round(100 * correct_t2i / total, 2), "val_group_acc_i2t": round(100 * correct_i2t / total, 2),
+           "val_score_spread": round(float(np.mean(spreads)), 5)}
     if per_variant:
         out["val_variant_acc"] = {f"v{v}": round(100 * sum(h) / len(h), 2) for v, h in sorted(per_variant.items())}
     return out

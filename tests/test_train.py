@@ -32,7 +32,8 @@ def test_short_training_run_lowers_the_loss_and_writes_a_usable_checkpoint(scene
     clip = json.loads((out / "clip" / "history.json").read_text())
     edje = json.loads((out / "edje" / "history.json").read_text())
     assert clip[-1]["loss"] < clip[0]["loss"] < 10 and len(edje) == 2
-    assert {"val_group_acc", "val_group_acc_i2t", "val_variant_acc"} <= set(edje[0])
+    assert {"val_group_acc", "val_group_acc_i2t", "val_variant_acc", "val_score_spread"} <= set(edje[0])
+    assert edje[0]["val_score_spread"] > 0  # scores differ between pairs
     assert set(edje[0]["val_variant_acc"]) <= {"v0", "v1", "v2", "v3"}
     metrics = json.loads((out / "test_metrics.json").read_text())
     assert metrics["queries"] == 16 and 0 <= metrics["reranked_R@1"] <= 100
