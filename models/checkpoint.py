@@ -17,7 +17,7 @@ from torch import nn
 
 from models.adapter import AdapterConfig, TokenCompressionAdapter
 from models.backbone import Backbone, BackboneConfig, load_state_file
-from models.joint_encoder import JointEncoder, JointEncoderConfig, Tokenizer, base_weights_sha256
+from models.joint_encoder import JointEncoder, JointEncoderConfig, Tokenizer, base_weights_sha256, file_sha256
 
 FORMAT = "edje-checkpoint"
 VERSION = 1
@@ -29,14 +29,6 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "default"
 
 class CheckpointError(ValueError):
     pass
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(8 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def canonical_json(obj) -> bytes:
@@ -115,9 +107,9 @@ def fingerprint(path) -> str:
     cfg = read_config(path)
     h = hashlib.sha256()
     h.update(b"edje-config\0" + canonical_json(cfg.to_dict()))
-    h.update(b"\0weights\0" + _sha256_file(path / WEIGHTS_FILE).encode())
+    h.update(b"\0weights\0" + file_sha256(path / WEIGHTS_FILE).encode())
     if cfg.backbone.weights_file:
-        h.update(b"\0backbone\0" + _sha256_file(Path(cfg.backbone.weights_file)).encode())
+        h.update(b"\0backbone\0" + file_sha256(Path(cfg.backbone.weights_file)).encode())
     if cfg.joint_encoder and cfg.joint_encoder.base_model:
         h.update(b"\0joint-base\0" + base_weights_sha256(cfg.joint_encoder.base_model).encode())
     return h.hexdigest()

@@ -39,13 +39,20 @@ def resolve_base_model(name_or_path: str) -> Path:
     return path
 
 
-@lru_cache(maxsize=8)
-def _sha256_cached(path: str, size: int, mtime: float) -> str:
+@lru_cache(maxsize=32)
+def _sha256_cached(path: str, inode: int, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(8 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file, computed once per process for each version of it (inode, size, mtime):
+    a job asks for its checkpoint's fingerprint more than once."""
+    st = os.stat(path)
+    return _sha256_cached(os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def base_weights_sha256(name_or_path: str) -> str:
@@ -54,8 +61,7 @@ def base_weights_sha256(name_or_path: str) -> str:
     files = sorted(p for p in base.iterdir() if p.suffix in (".safetensors", ".bin"))
     h = hashlib.sha256()
     for p in files:
-        st = p.stat()
-        h.update(p.name.encode() + b"\0" + _sha256_cached(str(p), st.st_size, st.st_mtime).encode())
+        h.update(p.name.encode() + b"\0" + file_sha256(p).encode())
     return h.hexdigest()
 
 

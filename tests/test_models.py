@@ -72,6 +72,8 @@ def test_checkpoint_round_trip_and_fingerprint(tmp_path):
     # Same config, other weights -> other fingerprint; identical rewrite -> same fingerprint.
     assert small_checkpoint(tmp_path / "b", seed=1)[3] != fp
     assert small_checkpoint(tmp_path / "c", seed=0)[3] == fp
+    # Hashes are cached per file version: rewriting "a" in place with other weights is seen.
+    assert small_checkpoint(tmp_path / "a", seed=1)[3] == fingerprint(tmp_path / "a") != fp
 
 
 def test_checkpoint_rejects_pickles_and_mismatched_weights(tmp_path):
