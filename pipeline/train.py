@@ -37,7 +37,8 @@ from tqdm import tqdm
 from models.adapter import AdapterConfig, TokenCompressionAdapter
 from models.backbone import Backbone, BackboneConfig
 from models.checkpoint import CheckpointConfig, save_checkpoint
-from models.joint_encoder import MINILM_PACKAGE, JointEncoder, JointEncoderConfig, Tokenizer, resolve_base_model
+from models.joint_encoder import (MINILM_PACKAGE, JointEncoder, JointEncoderConfig, Tokenizer, build_bert,
+                                  resolve_base_model)
 from models.losses import (MaskedLMHead, clip_loss, hardest_negatives, listwise_itm_loss, mask_tokens,
                            random_negatives)
 from pipeline._cli import finish
@@ -388,11 +389,9 @@ def init_from_minilm(bert) -> None:
     """A narrow BERT's word and position embeddings from MiniLM's, projected on the top principal
     directions of MiniLM's word embeddings (words keep their neighbours) and rescaled to BERT's
     initial spread; the layers stay randomly initialised."""
-    from safetensors.torch import load_file
-    base = resolve_base_model(MINILM_PACKAGE)
-    state = load_file(str(next(p for p in sorted(base.iterdir()) if p.suffix == ".safetensors")))
-    word = next(v for k, v in state.items() if k.endswith("embeddings.word_embeddings.weight")).double()
-    position = next(v for k, v in state.items() if k.endswith("embeddings.position_embeddings.weight")).double()
+    minilm = build_bert(JointEncoderConfig(bert_overrides={"num_hidden_layers": 1}), load_base_weights=True)
+    word = minilm.embeddings.word_embeddings.weight.double()
+    position = minilm.embeddings.position_embeddings.weight.double()
     w = bert.config.hidden_size
     mean = word.mean(0)
     basis = torch.linalg.svd(word - mean, full_matrices=False).Vh[:w].t()  # (384, w)
@@ -594,7 +593,12 @@ def parse_args(argv):
     ap.add_argument("--random_only_steps", type=int, default=300, help="curriculum: random negatives first")
     ap.add_argument("--description", default="EDJE demo checkpoint trained on the compositional scenes benchmark")
     ap.add_argument("--test_data", default=None, help="scene shards of a test split: report the rerank gain at the end")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.joint_width < 0 or args.joint_width % 32:
+        ap.error("--joint_width must be a multiple of 32 (attention heads of width 32)")
+    if not 0 < args.mlm_probability <= 1:
+        ap.error("--mlm_probability must be in (0, 1]")
+    return args
 
 
 def run(argv=None):

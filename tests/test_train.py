@@ -77,3 +77,10 @@ def test_narrow_joint_encoder_with_mlm_and_local_adapter_trains_and_loads(scenes
     scorer, _, _, _ = load_scorer(final)
     with torch.no_grad():
         assert torch.allclose(scorer(ids, mask, tokens), joint(ids, mask, tokens), atol=1e-4)
+
+
+@pytest.mark.parametrize("flags", [["--joint_width", "100"], ["--mlm_probability", "0"]])
+def test_bad_training_flags_are_refused(flags, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", "x", "--output", "y", *flags])
+    assert flags[0] in capsys.readouterr().err
