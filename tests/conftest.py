@@ -2,6 +2,7 @@
 import io
 import os
 import tarfile
+import tempfile
 
 import pytest
 
@@ -11,6 +12,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from pipeline import make_demo_shards, precompute  # noqa: E402
 
 BEAM_LOCAL = ["--runner=DirectRunner", "--progress=off"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def contained_tempdir(tmp_path_factory):
+    """Beam leaves empty beam-temp* / beam-pipeline-temp* dirs behind; they go under pytest's own
+    base temp (which pytest prunes), not the system's temp dir. TMPDIR reaches subprocess jobs too."""
+    d = str(tmp_path_factory.mktemp("tmp"))
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = d, d
+    yield d
+    if saved[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[0]
+    tempfile.tempdir = saved[1]
 
 
 def write_tar(path, members):
