@@ -128,6 +128,46 @@ def group_batches(indices: np.ndarray, groups: np.ndarray, batch_size: int, rng:
                 batch = []
 
 
+def neighbour_batches(indices: np.ndarray, groups: np.ndarray, embeddings: torch.Tensor, batch_size: int,
+                      rng: np.random.Generator, share: float = 1.0, neighbours: int = 32):
+    """Endless batches of whole groups, ``share`` of each batch close together under the frozen
+    backbone: a batch starts at a random group not yet used this epoch and adds that group's
+    nearest unused groups (by the cosine of their mean image embeddings), then random unused ones.
+    A reranker's candidates are the first stage's nearest images, so its in-batch negatives should
+    include near ones, not only a scene's own variants."""
+    by_group = {}
+    for i in indices:
+        by_group.setdefault(groups[i], []).append(i)
+    ids = sorted(by_group)
+    members = [by_group[g] for g in ids]
+    centre = F.normalize(torch.stack([embeddings[m].float().mean(0) for m in members]), dim=-1)
+    k = min(neighbours, len(ids) - 1)
+    near = torch.cat([(centre[i:i + 1024] @ centre.t()).topk(k + 1, dim=1).indices[:, 1:]
+                      for i in range(0, len(ids), 1024)]).cpu().numpy() if k > 0 else np.zeros((len(ids), 0), int)
+    batch_size = min(batch_size, len(indices))
+    while True:
+        used = np.zeros(len(ids), dtype=bool)
+        order = rng.permutation(len(ids))
+        fill = iter(order)
+        for seed in order:
+            if used[seed]:
+                continue
+            batch, used[seed] = list(members[seed]), True
+            for g in near[seed]:
+                if len(batch) >= share * batch_size:
+                    break
+                if not used[g]:
+                    batch.extend(members[g])
+                    used[g] = True
+            # the rest: unused groups in this epoch's random order
+            while len(batch) < batch_size and (g := next(fill, None)) is not None:
+                if not used[g]:
+                    batch.extend(members[g])
+                    used[g] = True
+            if len(batch) >= batch_size:
+                yield np.array(batch[:batch_size])
+
+
 def identical(caption_ids: torch.Tensor, idx) -> torch.Tensor:
     """(B, B) True where two batch items have the same caption text (ids from np.unique)."""
     c = caption_ids[torch.as_tensor(idx, device=caption_ids.device)]
@@ -327,13 +367,18 @@ def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
         rng = np.random.default_rng([args.seed, 1, trainer.step])
         gen = torch.Generator(device=args.device).manual_seed(args.seed + trainer.step)
         batches = group_batches(train_idx, data["groups"], args.batch_size_edje, rng)
+        # Near-neighbour batches from the start leave no easy pair to learn from (measured: the scorer
+        # collapses to a constant), so they follow the random-negative steps, like the hard negatives.
+        near = (neighbour_batches(train_idx, data["groups"], img_emb, args.batch_size_edje, rng, args.neighbour_share)
+                if args.edje_batching == "neighbours" else batches)
         started = time.time()
         bar = tqdm(total=args.max_steps, initial=trainer.step, desc="edje", dynamic_ncols=True)
         while trainer.step < args.max_steps:
-            idx = torch.as_tensor(next(batches), device=args.device)
+            easy = trainer.step < args.random_only_steps
+            idx = torch.as_tensor(next(batches if easy else near), device=args.device)
             adapter.train(), joint.train()
             trainer.set_lr(base_lrs, (time.time() - started) / (args.max_minutes_edje * 60))
-            hard = 0 if trainer.step < args.random_only_steps else args.hard_negatives
+            hard = 0 if easy else args.hard_negatives
             siblings = same_group(group_ids, idx) if args.sibling_negatives else None
             loss, acc = edje_step(adapter, joint, patch, img_emb, txt_emb, ids, mask, idx,
                                   identical(caption_ids, idx), hard, gen, args.device, siblings, mlm)
@@ -555,6 +600,13 @@ def parse_args(argv):
     ap.add_argument("--clip_batching", choices=["random", "groups"], default="random",
                     help="clip stage batches: random samples (a bag-of-words first stage, as web-trained "
                          "CLIPs are) or whole scene groups (hard negatives in batch)")
+    ap.add_argument("--edje_batching", choices=["groups", "neighbours"], default="groups",
+                    help="edje stage batches: random whole scene groups, or groups that are near neighbours "
+                         "under the frozen backbone (harder in-batch negatives, like a reranker's candidates)")
+    ap.add_argument("--neighbour_share", type=float, default=0.5,
+                    help="with --edje_batching neighbours: the share of each batch taken from one group's "
+                         "nearest groups (the rest random groups, whose easy negatives keep the scorer "
+                         "from collapsing to a constant)")
     ap.add_argument("--clip_pool", choices=["tok", "avg"], default=None,
                     help="image embedding of the clip stage: the class token (open_clip's default) or the "
                          "mean of the patch tokens, which trains every patch token to say what it shows")
@@ -596,6 +648,8 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if args.joint_width < 0 or args.joint_width % 32:
         ap.error("--joint_width must be a multiple of 32 (attention heads of width 32)")
+    if not 0 < args.neighbour_share <= 1:
+        ap.error("--neighbour_share must be in (0, 1]")
     if not 0 < args.mlm_probability <= 1:
         ap.error("--mlm_probability must be in (0, 1]")
     return args

@@ -1,6 +1,7 @@
 """A short real training run on CPU: both stages, the checkpoint it writes, resume."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,10 +55,11 @@ def test_short_training_run_lowers_the_loss_and_writes_a_usable_checkpoint(scene
     assert (out / "edje" / "done.json").read_text() == before
 
 
-def test_narrow_joint_encoder_with_mlm_and_local_adapter_trains_and_loads(scenes, tmp_path):
+def test_narrow_joint_encoder_with_mlm_local_adapter_and_neighbour_batches_trains_and_loads(scenes, tmp_path):
     out = tmp_path / "run"
     final = train.run(["--data", f"{scenes}/train/*.tar", "--output", str(out), *ARGS, "--joint_width", "64",
-                       "--mlm_weight", "0.5", "--adapter_locality", "0.5", "--image_positions", "fixed"])
+                       "--mlm_weight", "0.5", "--adapter_locality", "0.5", "--image_positions", "fixed",
+                       "--edje_batching", "neighbours"])
     edje = json.loads((out / "edje" / "history.json").read_text())
     assert len(edje) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in edje)
     encoder, cfg, _ = load_vision_encoder(final)
@@ -79,8 +81,29 @@ def test_narrow_joint_encoder_with_mlm_and_local_adapter_trains_and_loads(scenes
         assert torch.allclose(scorer(ids, mask, tokens), joint(ids, mask, tokens), atol=1e-4)
 
 
-@pytest.mark.parametrize("flags", [["--joint_width", "100"], ["--mlm_probability", "0"]])
+@pytest.mark.parametrize("flags", [["--joint_width", "100"], ["--mlm_probability", "0"], ["--neighbour_share", "1.5"]])
 def test_bad_training_flags_are_refused(flags, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--data", "x", "--output", "y", *flags])
     assert flags[0] in capsys.readouterr().err
+
+
+def test_neighbour_batches_hold_whole_nearby_groups_each_once_per_epoch():
+    groups = np.repeat(np.arange(50), 4)  # 50 scene groups of 4
+    cluster = torch.as_tensor(groups // 10)  # 5 clusters of 10 groups, far apart under the backbone
+    emb = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
+    emb[torch.arange(200), cluster] += 5
+    batches = train.neighbour_batches(np.arange(200), groups, emb, 16, np.random.default_rng(0))
+    epoch = [next(batches) for _ in range(12)]  # 12 full batches of 4 groups; 2 groups left over
+    seen = np.concatenate(epoch)
+    assert len(seen) == len(set(seen.tolist())) == 192
+    assert all(np.bincount(groups[b]).max() == 4 and len(set(groups[b].tolist())) == 4 for b in epoch)
+    one_cluster = sum(len(set(cluster[b].tolist())) == 1 for b in epoch)
+    assert one_cluster >= 8  # random groups would share one cluster in ~1 batch in 100
+    assert len(set(np.concatenate([next(batches) for _ in range(12)]).tolist())) == 192  # next epoch
+    # share 0.5: the first half of a batch is one group and its nearest, the rest random groups
+    half = train.neighbour_batches(np.arange(200), groups, emb, 16, np.random.default_rng(0), share=0.5)
+    epoch = [next(half) for _ in range(12)]
+    assert len(set(np.concatenate(epoch).tolist())) == 192
+    assert sum(len(set(cluster[b[:8]].tolist())) == 1 for b in epoch) >= 10
+    assert sum(len(set(cluster[b].tolist())) == 1 for b in epoch) <= 4
