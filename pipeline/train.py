@@ -394,6 +394,10 @@ def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
                 rec = eval_edje(adapter, joint, patch, ids, mask, val_idx, data["groups"], args.device,
                                 data["variants"])
                 rec["loss"] = round(loss.item(), 4)
+                if rec["val_score_spread"] < 1e-3:
+                    log.warning("step %d: scores barely differ between pairs (spread %.1e): the scorer has not "
+                                "started or has collapsed to a constant (BENCHMARKS.md, 'on the CPU')",
+                                trainer.step, rec["val_score_spread"])
                 if trainer.after_eval(rec["val_group_acc"], rec, modules) or out_of_time:
                     break
         bar.close()
