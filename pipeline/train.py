@@ -111,18 +111,24 @@ def split_validation(groups: np.ndarray, fraction: float):
     return np.flatnonzero(~val), np.flatnonzero(val)
 
 
-def group_batches(indices: np.ndarray, groups: np.ndarray, batch_size: int, rng: np.random.Generator):
-    """Endless batches of whole groups (a scene and its hard variants train together)."""
+def group_members(indices: np.ndarray, groups: np.ndarray):
+    """The indices of each group present, as lists in order of group id."""
     by_group = {}
     for i in indices:
         by_group.setdefault(groups[i], []).append(i)
-    ids = np.array(sorted(by_group))
+    return [by_group[g] for g in sorted(by_group)]
+
+
+def group_batches(indices: np.ndarray, groups: np.ndarray, batch_size: int, rng: np.random.Generator):
+    """Endless batches of whole groups (a scene and its hard variants train together)."""
+    members = group_members(indices, groups)
+    order = np.arange(len(members))
     batch_size = min(batch_size, len(indices))  # a split smaller than one batch would never fill it
     while True:
-        rng.shuffle(ids)
+        rng.shuffle(order)
         batch = []
-        for g in ids:
-            batch.extend(by_group[g])
+        for g in order:
+            batch.extend(members[g])
             if len(batch) >= batch_size:
                 yield np.array(batch[:batch_size])
                 batch = []
@@ -135,19 +141,16 @@ def neighbour_batches(indices: np.ndarray, groups: np.ndarray, embeddings: torch
     nearest unused groups (by the cosine of their mean image embeddings), then random unused ones.
     A reranker's candidates are the first stage's nearest images, so its in-batch negatives should
     include near ones, not only a scene's own variants."""
-    by_group = {}
-    for i in indices:
-        by_group.setdefault(groups[i], []).append(i)
-    ids = sorted(by_group)
-    members = [by_group[g] for g in ids]
+    members = group_members(indices, groups)
     centre = F.normalize(torch.stack([embeddings[m].float().mean(0) for m in members]), dim=-1)
-    k = min(neighbours, len(ids) - 1)
-    near = torch.cat([(centre[i:i + 1024] @ centre.t()).topk(k + 1, dim=1).indices[:, 1:]
-                      for i in range(0, len(ids), 1024)]).cpu().numpy() if k > 0 else np.zeros((len(ids), 0), int)
+    k = min(neighbours, len(members) - 1)
+    # each group's k nearest others (the first hit is the group itself), in blocks of rows
+    near = torch.cat([(block @ centre.t()).topk(k + 1, dim=1).indices[:, 1:]
+                      for block in centre.split(1024)]).cpu().numpy()
     batch_size = min(batch_size, len(indices))
     while True:
-        used = np.zeros(len(ids), dtype=bool)
-        order = rng.permutation(len(ids))
+        used = np.zeros(len(members), dtype=bool)
+        order = rng.permutation(len(members))
         fill = iter(order)
         for seed in order:
             if used[seed]:
