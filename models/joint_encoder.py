@@ -78,6 +78,8 @@ class JointEncoderConfig(JsonConfig):
     # Position ids of the image tokens: "after_text" continues the text's (so they shift with the
     # caption's length); "fixed" gives image token k the id max_text_tokens + k whatever the text.
     image_positions: str = "after_text"
+    # > 0: rerank ranks by logit + fusion_weight * first-stage cosine (learnt in training)
+    fusion_weight: float = 0.0
 
     def __post_init__(self):
         if self.image_positions not in ("after_text", "fixed"):
@@ -87,6 +89,8 @@ class JointEncoderConfig(JsonConfig):
         d = super().to_dict()
         if d["image_positions"] == "after_text":
             del d["image_positions"]  # checkpoints from before the option keep their fingerprint
+        if not d["fusion_weight"]:
+            del d["fusion_weight"]
         return d
 
 

@@ -48,21 +48,6 @@ def listwise_itm_loss(logits: torch.Tensor, captions: torch.Tensor, images: torc
     return (F.cross_entropy(matrix, target) + F.cross_entropy(matrix.t(), target)) / 2
 
 
-def mask_tokens(ids: torch.Tensor, attention_mask: torch.Tensor, special: torch.Tensor, mask_id: int,
-                probability: float, generator: torch.Generator = None):
-    """BERT-style masking for the MLM objective: each real, non-special token of ``ids`` (B, T) is
-    replaced by ``mask_id`` with ``probability``, at least one per row that has any. Returns
-    (masked ids, labels) with labels -100 where nothing is to be predicted."""
-    candidate = attention_mask.bool() & ~torch.isin(ids, special)
-    draw = torch.rand(ids.shape, generator=generator, device=ids.device)
-    chosen = candidate & (draw < probability)
-    # Rows where the draw chose nothing: mask their highest-draw candidate instead.
-    fallback = draw.masked_fill(~candidate, -1.0).argmax(1)
-    empty = ~chosen.any(1) & candidate.any(1)
-    chosen[empty, fallback[empty]] = True
-    return ids.masked_fill(chosen, mask_id), ids.masked_fill(~chosen, -100)
-
-
 class MaskedLMHead(torch.nn.Module):
     """BERT's MLM head over a joint encoder's text positions: dense + GELU + LayerNorm, then a
     decoder tied to the (frozen) word embeddings. Training only: checkpoints do not store it."""
@@ -80,3 +65,25 @@ class MaskedLMHead(torch.nn.Module):
         keep = labels != -100
         logits = self.transform(hidden[keep]) @ self._tied[0].weight.t() + self.bias
         return F.cross_entropy(logits.float(), labels[keep])
+
+
+def mask_words(ids: torch.Tensor, words: torch.Tensor, mask_id: int, probability: float,
+               generator: torch.Generator = None):
+    """Whole-word masking for MLM: ``words`` (B, T) gives each token's word number within its row, -1
+    for tokens never masked (special tokens, padding, words a rule keeps visible). Each maskable word
+    is chosen with ``probability`` (at least one per row that has any) and all its tokens are
+    replaced by ``mask_id``. Returns (masked ids, labels) with labels -100 where nothing is to be
+    predicted."""
+    n_words = int(words.max()) + 1 if words.numel() else 0
+    if n_words == 0:
+        return ids.clone(), torch.full_like(ids, -100)
+    present = torch.zeros(ids.shape[0], n_words + 1, dtype=torch.bool, device=ids.device)
+    present.scatter_(1, words.clamp(min=-1) + 1, True)
+    present = present[:, 1:]  # (B, n_words): word w occurs in row b
+    draw = torch.rand(present.shape, generator=generator, device=ids.device)
+    chosen = present & (draw < probability)
+    fallback = draw.masked_fill(~present, -1.0).argmax(1)
+    empty = ~chosen.any(1) & present.any(1)
+    chosen[empty, fallback[empty]] = True
+    token_chosen = torch.gather(torch.cat([torch.zeros_like(chosen[:, :1]), chosen], 1), 1, words + 1)
+    return ids.masked_fill(token_chosen, mask_id), ids.masked_fill(~token_chosen, -100)

@@ -7,6 +7,9 @@
     rr.score([("a red circle", "000000001"), ...])   # -> numpy array of logits
 
 Scores are the same as the Beam rerank job's for the same pairs (same model, same packing).
+A checkpoint with a learnt fusion weight w (``joint_encoder.fusion_weight``) ranks by
+logit + w * first-stage cosine, as the rerank job does by default; ``rank`` then also returns
+``fused_score``.
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -27,13 +30,32 @@ class Reranker:
         self.model, self.tokenizer, self.config, fingerprint = load_scorer(checkpoint, device)
         self.store.require_fingerprint(fingerprint)
         self.device, self.batch_size = device, batch_size
+        self.checkpoint = checkpoint
+        self.fusion_weight = self.config.joint_encoder.fusion_weight
+        self._text_encoder = None
 
-    def _tokens(self, image_ids: Sequence[str]) -> Dict[str, np.ndarray]:
+    def _rows(self, image_ids: Sequence[str]):
         unique = list(dict.fromkeys(image_ids))
-        found, tokens, _, missing = self.store.get(unique)
+        found, tokens, embeddings, missing = self.store.get(unique)
         if missing:
             raise KeyError(f"{len(missing)} image id(s) not in the store, e.g. {missing[:5]}")
-        return dict(zip(found, tokens))
+        return dict(zip(found, tokens)), dict(zip(found, embeddings))
+
+    def _tokens(self, image_ids: Sequence[str]) -> Dict[str, np.ndarray]:
+        return self._rows(image_ids)[0]
+
+    def first_stage_scores(self, query: str, image_ids: Sequence[str]) -> np.ndarray:
+        """The first stage's cosine of ``query`` with each stored image embedding (what retrieve
+        writes as candidate_scores), from the checkpoint's own text tower."""
+        if self._text_encoder is None:
+            from models.checkpoint import load_vision_encoder
+            encoder, _, _ = load_vision_encoder(self.checkpoint, self.device)
+            self._text_encoder = (encoder.backbone, encoder.backbone.tokenizer())
+        backbone, tokenizer = self._text_encoder
+        with torch.inference_mode():
+            text = backbone.encode_text(tokenizer([query]).to(self.device)).float().cpu().numpy()[0]
+        embeddings = self._rows(image_ids)[1]
+        return np.array([float(embeddings[i] @ text) for i in image_ids], np.float64)
 
     def score(self, pairs: Sequence[Tuple[str, str]]) -> np.ndarray:
         """(query text, image_id) pairs -> joint-encoder logits, in order. Unknown ids raise KeyError."""
@@ -50,11 +72,30 @@ class Reranker:
                                    np.stack([tokens[i] for _, i in chunk]), self.device))
         return np.concatenate(out).astype(np.float64)
 
-    def rank(self, query: str, image_ids: Sequence[str], top_k: Optional[int] = None) -> List[dict]:
-        """Sorted best first: [{"image_id", "score", "rank"}]; duplicate ids are scored once."""
+    def rank(self, query: str, image_ids: Sequence[str], top_k: Optional[int] = None,
+             first_stage_scores: Optional[Sequence[float]] = None, fusion: Optional[bool] = None) -> List[dict]:
+        """Sorted best first: [{"image_id", "score", "rank"}] (+ "fused_score" when fused); duplicate
+        ids are scored once. ``fusion`` (default: whether the checkpoint has a fusion weight) ranks by
+        logit + w * first-stage score: ``first_stage_scores`` (one per id, e.g. retrieve's
+        candidate_scores), or when not given the cosine from ``first_stage_scores()``."""
+        if first_stage_scores is not None and len(first_stage_scores) != len(image_ids):
+            raise ValueError("first_stage_scores needs one score per image id")
+        first = dict(zip(image_ids, first_stage_scores)) if first_stage_scores is not None else None
         ids = list(dict.fromkeys(image_ids))
         scores = self.score([(query, i) for i in ids])
-        order = sorted(range(len(ids)), key=lambda k: (-scores[k], ids[k]))
+        fused = self.fusion_weight > 0 if fusion is None else fusion
+        key = scores
+        if fused and ids:
+            cos = (np.array([float(first[i]) for i in ids]) if first is not None
+                   else self.first_stage_scores(query, ids))
+            key = scores + (self.fusion_weight or 1.0) * cos
+        order = sorted(range(len(ids)), key=lambda k: (-key[k], ids[k]))
         if top_k:
             order = order[:top_k]
-        return [{"image_id": ids[k], "score": float(scores[k]), "rank": r} for r, k in enumerate(order, start=1)]
+        out = []
+        for r, k in enumerate(order, start=1):
+            row = {"image_id": ids[k], "score": float(scores[k]), "rank": r}
+            if fused:
+                row["fused_score"] = float(key[k])
+            out.append(row)
+        return out

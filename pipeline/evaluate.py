@@ -47,8 +47,11 @@ Bad scores files: exit status 1 with a message naming the query (and image)
 
 Outputs (REPORT_DIR, a local directory, created if needed)
   report.json     {"t2i": {"first_stage": {"R@1": .., ...}, "reranked": {...}},
-                   "i2t": {same}, "counts": {...}} (one R@k per --ks)
-  report.md       Markdown table (rows first stage / reranked / delta; T2I and I2T R@k) + counts
+                   "i2t": {same}, "counts": {...}} (one R@k per --ks); when the scores file has
+                   ``fused_score`` (rerank fused the first stage in), "reranked" is that fused order
+                   and "joint_encoder" is the same candidates ranked by the logit ``score`` alone
+  report.md       Markdown table (rows first stage / [joint encoder alone] / reranked / delta;
+                   T2I and I2T R@k) + counts
   recall_at_k.png recall@k for k = 1..the longest ranking, first stage vs reranked, T2I and I2T
   strips/<query_id>.png  with --images (WebDataset shards holding the candidate images): for
                   the first --strips evaluated queries by query_id, the query text over two rows
@@ -103,6 +106,8 @@ class Scored(NamedTuple):
     image_id: str
     rank: int
     key: float  # the rerank score used for I2T (fused_score if present, else score)
+    logit: Optional[float] = None  # the joint encoder's own score
+    fused: bool = False  # the row has a fused_score (rank is by the fused sum)
 
 
 # ---------------------------------------------------------------- reading
@@ -254,7 +259,7 @@ def load_scores(path: str, queries: Dict[str, Query]) -> Dict[str, List[Scored]]
         if not _number(row["score"]) or not _number(key):
             problems.append(f"query {qid!r}: image {image_id!r} has a non-finite score")
             continue
-        by_query.setdefault(qid, []).append(Scored(image_id, rank, float(key)))
+        by_query.setdefault(qid, []).append(Scored(image_id, rank, float(key), float(row["score"]), fused is not None))
     for qid in sorted(by_query):
         items = sorted(by_query[qid], key=lambda s: s.rank)
         ranks = [s.rank for s in items]
@@ -315,6 +320,18 @@ def i2t_rankings(queries: Dict[str, Query], scores: Dict[str, List[Scored]]):
     return out
 
 
+def joint_encoder_alone(scores: Dict[str, List[Scored]]) -> Optional[Dict[str, List[Scored]]]:
+    """With fused scores: the same rows re-ranked by the joint encoder's logit alone (ties by
+    image_id), keyed by it; None when no row is fused."""
+    if not any(s.fused for rows in scores.values() for s in rows):
+        return None
+    out = {}
+    for qid, rows in scores.items():
+        ordered = sorted(rows, key=lambda s: (-s.logit, s.image_id))
+        out[qid] = [Scored(s.image_id, r, s.logit, s.logit) for r, s in enumerate(ordered, start=1)]
+    return out
+
+
 def hits_at(ranking, truth, k: int) -> bool:
     return any(x in truth for x in ranking[:k])
 
@@ -342,10 +359,16 @@ def evaluate(queries: Dict[str, Query], scores: Dict[str, List[Scored]], ks=DEFA
     i2t_truth = lambda image_id, r: r[2]  # noqa: E731
     report = {}
     curves = {}
+    # With fusion, "reranked" is the fused order; the joint encoder alone gets its own row.
+    alone = joint_encoder_alone(scores)
+    alone_rankings = {"t2i": t2i_rankings(queries, alone), "i2t": i2t_rankings(queries, alone)} if alone else {}
     for mode, rankings, truth_of in (("t2i", t2i, t2i_truth), ("i2t", i2t, i2t_truth)):
         longest = max([len(r[0]) for r in rankings.values()] + [1])
         report[mode] = {name: {f"R@{k}": _pct(recall(rankings, truth_of, which, k)) for k in ks}
                         for which, name in ((0, "first_stage"), (1, "reranked"))}
+        if alone:
+            report[mode]["joint_encoder"] = {f"R@{k}": _pct(recall(alone_rankings[mode], truth_of, 1, k))
+                                             for k in ks}
         curves[mode] = {name: [recall(rankings, truth_of, which, k) for k in range(1, longest + 1)]
                         for which, name in ((0, "first_stage"), (1, "reranked"))}
     evaluated = [queries[qid] for qid in t2i]
@@ -384,7 +407,12 @@ def markdown_table(report: dict) -> str:
     cols = [(mode, k) for mode in ("t2i", "i2t") for k in ks]
     lines = ["| | " + " | ".join(f"{m.upper()} R@{k}" for m, k in cols) + " |",
              "|---|" + "---:|" * len(cols)]
-    for name, label in (("first_stage", "first stage"), ("reranked", "reranked")):
+    rows = [("first_stage", "first stage")]
+    if "joint_encoder" in report["t2i"]:
+        rows += [("joint_encoder", "joint encoder alone"), ("reranked", "reranked (fused)")]
+    else:
+        rows.append(("reranked", "reranked"))
+    for name, label in rows:
         lines.append(f"| {label} | " + " | ".join(f"{report[m][name][f'R@{k}']:.2f}" for m, k in cols) + " |")
     deltas = [round(report[m]["reranked"][f"R@{k}"] - report[m]["first_stage"][f"R@{k}"], 2) for m, k in cols]
     lines.append("| delta | " + " | ".join(f"{d:+.2f}" for d in deltas) + " |")

@@ -1,7 +1,7 @@
 """Rerank: queries with candidates + token store -> joint-encoder scores (Beam).
 
     python -m pipeline.rerank --queries CANDIDATES.jsonl --store STORE --output SCORES.parquet \\
-        [--checkpoint DIR] [--top_k K] [--fusion none|add_first_stage]
+        [--checkpoint DIR] [--top_k K] [--fusion auto|none|add_first_stage]
 
 Each query is exploded into (query, candidate) requests; requests are routed through the store's
 id index to the shard holding the image, only the needed rows are read there and scored in
@@ -20,7 +20,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline._cli import BeamJobCLI, add_flag, finish, job_main, open_store_for
 from schemas.scores import scores_schema
 from transforms.joint_handler import JointScorerHandler
-from transforms.rank_scores import FUSIONS, RankScores
+from transforms.rank_scores import FUSIONS, RankScores, resolve_fusion
 from transforms.read_queries import ReadQueries
 from transforms.route_requests import RouteRequests
 from transforms.score_pairs import ScorePairs
@@ -40,10 +40,13 @@ class RerankOptions(PipelineOptions):
         add_flag(parser, "--checkpoint", default=None,
                             help="checkpoint directory; must be the one that built the store (default: embedded)")
         add_flag(parser, "--top_k", type=int, default=0, help="keep the best K per query (0: all)")
-        add_flag(parser, "--fusion", default="none", choices=FUSIONS,
-                            help="none: rank by the joint encoder's logit (EDJE); add_first_stage: by "
-                                 "logit + fusion_weight * first-stage score")
-        add_flag(parser, "--fusion_weight", type=float, default=1.0)
+        add_flag(parser, "--fusion", default="auto", choices=FUSIONS,
+                            help="auto: as the checkpoint says (logit + its learnt fusion_weight * first-stage "
+                                 "score when it has one, else the logit); none: rank by the joint encoder's "
+                                 "logit alone; add_first_stage: by logit + fusion_weight * first-stage score "
+                                 "(the query's candidate_scores, as retrieve writes them)")
+        add_flag(parser, "--fusion_weight", type=float, default=None,
+                 help="weight of the first-stage score in the fused ranking (default: the checkpoint's, else 1.0)")
         add_flag(parser, "--failures", default=None,
                             help="failure records (JSONL; always written): default <output stem>.failures.jsonl")
         add_flag(parser, "--output_format", default="auto", choices=["auto", "parquet", "jsonl"])
@@ -63,8 +66,10 @@ def run(argv=None, test_pipeline=None):
     if opts.top_k < 0 or opts.batch_size < 1 or opts.torch_threads < 1:
         CLI.error("--top_k must be >= 0, --batch_size and --torch_threads >= 1")
     from models.checkpoint import read_config
-    if read_config(opts.checkpoint).joint_encoder is None:
+    joint_cfg = read_config(opts.checkpoint).joint_encoder
+    if joint_cfg is None:
         raise SystemExit("error: the checkpoint has no joint encoder")
+    fusion, fusion_weight = resolve_fusion(opts.fusion, opts.fusion_weight, joint_cfg.fusion_weight)
     store = open_store_for(opts.store, opts.checkpoint)
     started = time.time()
     fmt = output_format(opts.output, opts.output_format)
@@ -78,8 +83,8 @@ def run(argv=None, test_pipeline=None):
     routed = read["queries"] | "RouteRequests" >> RouteRequests(store.path, store.buckets)
     rows = (routed["routed"]
             | "ScorePairs" >> ScorePairs(store.path, handler)
-            | "RankScores" >> RankScores(opts.fusion, opts.fusion_weight, opts.top_k))
-    _ = rows | "WriteScores" >> WriteRows(opts.output, fmt, scores_schema(opts.fusion != "none"))
+            | "RankScores" >> RankScores(fusion, fusion_weight, opts.top_k))
+    _ = rows | "WriteScores" >> WriteRows(opts.output, fmt, scores_schema(fusion != "none"))
     _ = (read["failures"], routed["failures"]) | "WriteFailures" >> WriteRows(failures_path, "jsonl")
     result = pipeline.run()
     result.wait_until_finish()

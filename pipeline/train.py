@@ -19,6 +19,7 @@ Writes ``OUTPUT/checkpoint`` (config.json + model.safetensors); seeded; resumabl
 """
 import argparse
 import copy
+import dataclasses
 import glob
 import hashlib
 import json
@@ -39,8 +40,9 @@ from models.backbone import Backbone, BackboneConfig
 from models.checkpoint import CheckpointConfig, save_checkpoint
 from models.joint_encoder import (MINILM_PACKAGE, JointEncoder, JointEncoderConfig, Tokenizer, build_bert,
                                   resolve_base_model)
-from models.losses import (MaskedLMHead, clip_loss, hardest_negatives, listwise_itm_loss, mask_tokens,
-                           random_negatives)
+from models.losses import MaskedLMHead, clip_loss, hardest_negatives, listwise_itm_loss, random_negatives
+from models.mlm import RULES as MLM_RULES
+from models.mlm import Mlm, caption_words, grounding_report
 from pipeline._cli import finish
 from transforms.image_decode import decode_image
 from transforms.tar_samples import iter_samples
@@ -227,12 +229,15 @@ class Trainer:
         for group, base in zip(self.opt.param_groups, base_lrs):
             group["lr"] = base * f
 
-    def after_eval(self, metric, record, modules) -> bool:
-        """Logs, checkpoints the best, returns True to stop (plateau)."""
+    def after_eval(self, metric, record, modules, counts: bool = True) -> bool:
+        """Logs, checkpoints the best, returns True to stop (plateau). ``counts`` False: a warm-up
+        evaluation, recorded only (its metric is not the one being trained yet)."""
         record.update(step=self.step, metric=metric)
         self.history.append(record)
         tqdm.write(json.dumps(record))
-        if metric > self.best + 1e-4:
+        if not counts:
+            pass
+        elif metric > self.best + 1e-4:
             self.best, self.bad_evals = metric, 0
             torch.save({k: m.state_dict() for k, m in modules.items()}, self.dir / "best.pt")
         else:
@@ -319,11 +324,11 @@ def group_accuracy(sim: torch.Tensor, groups: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------- stage edje
-def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
+def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
     from models.checkpoint import load_vision_encoder
     out = Path(args.output) / "edje"
     torch.manual_seed(args.seed + 1)
-    encoder, _, _ = load_vision_encoder(clip_dir / "backbone", args.device)
+    encoder, _, _ = load_vision_encoder(backbone_dir, args.device)
     backbone = encoder.backbone
     tok_clip = backbone.tokenizer()
     with torch.no_grad(), autocast(args.device):
@@ -337,8 +342,9 @@ def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
     adapter_cfg = AdapterConfig(num_tokens=args.num_tokens, input_dim=backbone.width, output_dim=args.joint_width or 384,
                                 num_heads=max(1, backbone.width // 32), mlp_dim=4 * backbone.width,
                                 grid=backbone.clip.visual.grid_size[0]
-                                if args.adapter_positions or args.adapter_locality else 0,
-                                locality=args.adapter_locality)
+                                if args.adapter_positions or args.adapter_locality or args.adapter_cells else 0,
+                                locality=args.adapter_locality, cells=args.adapter_cells,
+                                output_positions=args.adapter_output_positions, output_norm=args.adapter_output_norm)
     joint_cfg = joint_encoder_config(args)
     adapter = TokenCompressionAdapter(adapter_cfg).to(args.device)
     joint = JointEncoder(joint_cfg)
@@ -347,8 +353,10 @@ def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
     joint = joint.to(args.device)
     joint.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # MiniLM's, or their projection
     tokenizer = Tokenizer(joint_cfg)
-    ids, mask = tokenizer(data["captions"])
-    ids, mask = ids.to(args.device), mask.to(args.device)
+    if args.adapter_position_words:
+        init_position_words(adapter, tokenizer, joint.bert.embeddings.word_embeddings.weight)
+    ids, mask, words, _ = caption_words(tokenizer, data["captions"], args.mlm_words)
+    ids, mask, words = ids.to(args.device), mask.to(args.device), words.to(args.device)
     caption_ids = data["caption_ids"].to(args.device)
     group_ids = torch.as_tensor(data["groups"], device=args.device)
     params = [{"params": adapter.parameters(), "lr": args.lr_adapter},
@@ -356,13 +364,21 @@ def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
               {"params": joint.head.parameters(), "lr": args.lr_adapter}]
     base_lrs = [args.lr_adapter, args.lr_joint, args.lr_adapter]
     modules = {"adapter": adapter, "joint": joint}
-    mlm = None
-    if args.mlm_weight:
+    mlm = grounding = None
+    if args.mlm_weight or args.mlm_only_steps:
         mlm = Mlm(MaskedLMHead(joint.bert.embeddings.word_embeddings, joint.bert.config.layer_norm_eps).to(args.device),
-                  tokenizer, args.mlm_weight, args.mlm_probability, args.device)
+                  tokenizer.tok.mask_token_id, args.mlm_weight, args.mlm_probability)
         params.append({"params": mlm.head.parameters(), "lr": args.lr_adapter})
         base_lrs.append(args.lr_adapter)
         modules["mlm"] = mlm.head
+        grounding = scene_word_classes(tokenizer, [data["captions"][i] for i in val_idx[:GROUNDING_ROWS]], args.device)
+    fusion = None
+    if args.fusion:
+        # starts as the first stage's own softmax temperature: at first the pair ranks as the first stage ranks it
+        fusion = Fusion(float(backbone.clip.logit_scale.exp().clamp(max=100))).to(args.device)
+        params.append({"params": fusion.parameters(), "lr": args.lr_adapter})
+        base_lrs.append(args.lr_adapter)
+        modules["fusion"] = fusion
     trainer = Trainer(args, out, params, args.lr_joint)
     cfg = CheckpointConfig(backbone.cfg, adapter_cfg, joint_cfg, description=args.description)
     if not (out / "done.json").exists():
@@ -377,14 +393,20 @@ def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
         started = time.time()
         bar = tqdm(total=args.max_steps, initial=trainer.step, desc="edje", dynamic_ncols=True)
         while trainer.step < args.max_steps:
-            easy = trainer.step < args.random_only_steps
+            warm = trainer.step < args.mlm_only_steps
+            easy = trainer.step < args.mlm_only_steps + args.random_only_steps
             idx = torch.as_tensor(next(batches if easy else near), device=args.device)
             adapter.train(), joint.train()
             trainer.set_lr(base_lrs, (time.time() - started) / (args.max_minutes_edje * 60))
             hard = 0 if easy else args.hard_negatives
             siblings = same_group(group_ids, idx) if args.sibling_negatives else None
-            loss, acc = edje_step(adapter, joint, patch, img_emb, txt_emb, ids, mask, idx,
-                                  identical(caption_ids, idx), hard, gen, args.device, siblings, mlm)
+            if warm:
+                loss, acc = mlm_step(adapter, joint, patch, ids, mask, words, idx, mlm, gen, args.device), float("nan")
+            else:
+                loss, acc = edje_step(adapter, joint, patch, img_emb, txt_emb, ids, mask, idx,
+                                      identical(caption_ids, idx), hard, gen, args.device, siblings,
+                                      mlm if args.mlm_weight else None, words,
+                                      None if fusion is None else fusion.weight)
             trainer.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
@@ -395,13 +417,19 @@ def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
             out_of_time = time.time() - started >= args.max_minutes_edje * 60
             if trainer.step % args.eval_every == 0 or trainer.step == args.max_steps or out_of_time:
                 rec = eval_edje(adapter, joint, patch, ids, mask, val_idx, data["groups"], args.device,
-                                data["variants"])
+                                data["variants"],
+                                None if fusion is None else (img_emb, txt_emb, fusion.weight.item()))
                 rec["loss"] = round(loss.item(), 4)
-                if rec["val_score_spread"] < 1e-3:
+                if fusion is not None:
+                    rec["fusion_weight"] = round(fusion.weight.item(), 4)
+                if grounding is not None:
+                    rec["val_grounding"] = eval_grounding(mlm, adapter, joint, patch, ids, mask, val_idx, grounding)
+                if rec["val_score_spread"] < 1e-3 and not warm:  # (the head is untrained during MLM warm-up)
                     log.warning("step %d: scores barely differ between pairs (spread %.1e): the scorer has not "
                                 "started or has collapsed to a constant (BENCHMARKS.md, 'on the CPU')",
                                 trainer.step, rec["val_score_spread"])
-                if trainer.after_eval(rec["val_group_acc"], rec, modules) or out_of_time:
+                metric = rec["val_group_acc_fused" if fusion is not None else "val_group_acc"]
+                if trainer.after_eval(metric, rec, modules, counts=not warm) or out_of_time:
                     break
         bar.close()
         (out / "done.json").write_text(json.dumps({"step": trainer.step, "best_val_group_acc": trainer.best,
@@ -410,6 +438,11 @@ def train_edje(args, data, train_idx, val_idx, clip_dir: Path) -> Path:
     if best:  # (the MLM head is training-only)
         adapter.load_state_dict(best["adapter"])
         joint.load_state_dict(best["joint"])
+        if fusion is not None:
+            fusion.load_state_dict(best["fusion"])
+    if fusion is not None:
+        joint_cfg = dataclasses.replace(joint_cfg, fusion_weight=round(fusion.weight.item(), 6))
+        cfg = CheckpointConfig(backbone.cfg, adapter_cfg, joint_cfg, description=args.description)
     joint_state = {k: v for k, v in joint.state_dict().items()  # MiniLM's own embeddings load from the package
                    if args.joint_width or k != "bert.embeddings.word_embeddings.weight"}
     final = Path(args.output) / "checkpoint"
@@ -453,30 +486,77 @@ def init_from_minilm(bert) -> None:
     bert.embeddings.position_embeddings.weight.copy_(((position - position.mean(0)) @ basis) * scale)
 
 
+POSITION_WORDS = {"columns": (("left",), ("right",)), "rows": (("above", "top"), ("below", "bottom"))}
+
+
+@torch.no_grad()
+def init_position_words(adapter, tokenizer, word_embeddings: torch.Tensor, scale: float = 0.5) -> None:
+    """Starts the adapter's row and column embeddings at the joint encoder's own (centred) word
+    embeddings of where they are: the left half of the columns "left", the right half "right", the
+    upper rows "above"/"top", the lower rows "below"/"bottom" (a middle row or column: the mean);
+    times ``scale``. A token then says "red circle, left" in words the language model already reads,
+    so a caption's spatial word binds to an object as a colour binds to a shape. Trained from there."""
+    centre = word_embeddings.mean(0)
+
+    def meaning(words):
+        ids = [i for w in words for i in tokenizer.tok(w, add_special_tokens=False)["input_ids"]]
+        return (word_embeddings[ids] - centre).mean(0)
+    side = adapter.rows.shape[0]
+    for name, (first, second) in POSITION_WORDS.items():
+        a, b = meaning(first), meaning(second)
+        table = getattr(adapter, name)
+        for k in range(side):
+            t = (k + 0.5) / side
+            share = 1.0 if t < 0.5 else 0.0 if t > 0.5 else 0.5
+            table[k] = scale * (share * a + (1 - share) * b).to(table.dtype)
+
+
+class Fusion(torch.nn.Module):
+    """The weight w of ``logit + w * first-stage cosine``, learnt with the listwise loss; it lands in
+    the checkpoint's config (``joint_encoder.fusion_weight``) and rerank ranks by that sum."""
+
+    def __init__(self, init: float):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.tensor(init))
+
+
+GROUNDING_ROWS = 512  # validation captions in each grounding evaluation
+WORD_CLASSES = {0: "colour", 1: "shape", 2: "size", 3: "spatial"}
+
+
+def scene_word_classes(tokenizer, captions, device):
+    """(ids, mask, word class per token (-1: none)) of the scenes' captions, for grounding reports."""
+    from models.mlm import SPATIAL_WORDS
+    from pipeline.make_scenes import COLORS, SHAPES, SIZES
+    vocab = {**{w: 0 for w in COLORS}, **{w: 1 for w in SHAPES}, **{w: 2 for w in SIZES},
+             **{w: 3 for w in SPATIAL_WORDS}}
+    ids, mask, words, strings = caption_words(tokenizer, captions, "all")
+    cls = torch.full(ids.shape, -1, dtype=torch.long)
+    for r, row in enumerate(strings):
+        table = torch.tensor([vocab.get(w, -1) for w in row] + [-1], dtype=torch.long)
+        cls[r] = table[words[r]]  # word -1 (special, padding) reads the trailing -1
+    return ids.to(device), mask.to(device), cls.to(device)
+
+
+@torch.no_grad()
+def eval_grounding(mlm, adapter, joint, patch, ids, mask, val_idx, grounding):
+    """Masked-word accuracy per word class on the first validation captions: own image, another
+    scene's image (the next group's), no image."""
+    adapter.eval(), joint.eval()
+    g_ids, g_mask, g_cls = grounding
+    rows = torch.as_tensor(val_idx[:len(g_ids)], device=patch.device)
+    tokens = adapter(patch[rows])
+    return grounding_report(mlm, joint, g_ids, g_mask, g_cls, tokens, tokens.roll(4, 0), WORD_CLASSES)
+
+
 def same_group(group_ids: torch.Tensor, idx) -> torch.Tensor:
     """(B, B) True where two batch items are variants of the same scene group."""
     g = group_ids[torch.as_tensor(idx, device=group_ids.device)]
     return g[:, None] == g[None, :]
 
 
-class Mlm:
-    """The optional MLM objective: each step, the batch's captions with some tokens masked are read
-    with their own images' tokens, and the masked words predicted (weight ``weight`` in the loss)."""
-
-    def __init__(self, head, tokenizer, weight, probability, device):
-        self.head, self.weight, self.probability = head, weight, probability
-        tok = tokenizer.tok
-        self.mask_id = tok.mask_token_id
-        self.special = torch.as_tensor(sorted(set(tok.all_special_ids)), device=device)
-
-    def loss(self, joint, ids, mask, tokens, gen):
-        masked, labels = mask_tokens(ids, mask, self.special, self.mask_id, self.probability, gen)
-        _, hidden = joint(masked, mask, tokens, return_hidden=True)
-        return self.head.loss(hidden[:, :ids.shape[1]], labels)
-
-
 def edje_step(adapter, joint, patch, img_emb, txt_emb, ids, mask, idx, same_caption, hard, gen, device,
-              siblings=None, mlm=None):
+              siblings=None, mlm=None, words=None, fusion=None):
     """One listwise ITM loss over a batch, both directions. Returns (loss, t2i accuracy).
 
     The pairs scored are the positives, each caption's ``hard`` hardest images and each image's
@@ -485,7 +565,9 @@ def edje_step(adapter, joint, patch, img_emb, txt_emb, ids, mask, idx, same_capt
     directions: caption i's softmax runs over every scored pair in row i of the (captions x
     images) matrix, image j's over column j. With whole scene groups in the batch, a group's
     16 caption-image pairs cover both directions' sibling negatives. ``mlm``: an ``Mlm`` whose
-    weighted loss on the batch's positives is added."""
+    weighted loss on the batch's positives is added (``words``: its maskable-word table).
+    ``fusion``: a weight w; each pair is then ranked by logit + w * the frozen backbone's cosine,
+    so the joint encoder learns what the first stage gets wrong."""
     b = len(idx)
     rows = torch.arange(b, device=device)
     not_neg = same_caption | torch.eye(b, dtype=torch.bool, device=device)
@@ -503,24 +585,36 @@ def edje_step(adapter, joint, patch, img_emb, txt_emb, ids, mask, idx, same_capt
     with autocast(device):
         tokens = adapter(patch[idx])
         logits = joint(batch_ids[cap, :width], batch_mask[cap, :width], tokens[img]).float()
+        if fusion is not None:
+            logits = logits + fusion * sim[cap, img]
         loss = listwise_itm_loss(logits, cap, img, b)
         if mlm is not None:
-            loss = loss + mlm.weight * mlm.loss(joint, batch_ids[:, :width], batch_mask[:, :width], tokens, gen)
+            loss = loss + mlm.weight * mlm.loss(joint, batch_ids[:, :width], batch_mask[:, :width],
+                                                words[idx][:, :width], tokens, gen)
     t2i = torch.full((b, b), float("-inf"), device=device).index_put((cap, img), logits.detach())
     return loss, (t2i.argmax(1) == rows).float().mean().item()
 
 
+def mlm_step(adapter, joint, patch, ids, mask, words, idx, mlm, gen, device):
+    """The MLM objective alone on a batch of positives (a cheap grounding warm-up before ITM)."""
+    width = int(mask[idx].sum(1).max())
+    with autocast(device):
+        return mlm.loss(joint, ids[idx, :width], mask[idx, :width], words[idx, :width], adapter(patch[idx]), gen)
+
+
 @torch.no_grad()
-def eval_edje(adapter, joint, patch, ids, mask, val_idx, groups, device, variants=None):
+def eval_edje(adapter, joint, patch, ids, mask, val_idx, groups, device, variants=None, first_stage=None):
     """Caption -> own image among its group (and image -> own caption): the hard-pair accuracy,
-    also per variant (which minimal change the encoder misses)."""
+    also per variant (which minimal change the encoder misses). ``first_stage``: (image embeddings,
+    text embeddings, w): the same for logit + w * cosine (``*_fused``)."""
     adapter.eval(), joint.eval()
     g = groups[val_idx]
     per_variant = {}
     by_group = {}
     for pos, gid in enumerate(g):
         by_group.setdefault(gid, []).append(pos)
-    correct_t2i = correct_i2t = total = 0
+    correct_t2i = correct_i2t = total = fused_hits = 0
+    fused_variant = {}
     spreads = []
     vidx = torch.as_tensor(val_idx, device=device)
     with autocast(device):
@@ -538,25 +632,38 @@ def eval_edje(adapter, joint, patch, ids, mask, val_idx, groups, device, variant
         correct_t2i += sum(hits)
         correct_i2t += (s.argmax(0) == target).sum().item()
         total += n
+        if first_stage is not None:
+            img_emb, txt_emb, w = first_stage
+            cos = (txt_emb[vidx[cap]] * img_emb[vidx[img]]).sum(-1).reshape(n, n)
+            fused = ((s + w * cos).argmax(1) == target).tolist()
+            fused_hits += sum(fused)
         if variants is not None:
-            for pos, hit in zip(members, hits):
+            for k, (pos, hit) in enumerate(zip(members, hits)):
                 v = int(variants[val_idx[pos]])
                 per_variant.setdefault(v, []).append(hit)
+                if first_stage is not None:
+                    fused_variant.setdefault(v, []).append(fused[k])
     # The scores' spread within a group: near 0 means a collapsed scorer (the same score for every pair).
     out = {"val_group_acc": round(100 * correct_t2i / total, 2), "val_group_acc_i2t": round(100 * correct_i2t / total, 2),
            "val_score_spread": round(float(np.mean(spreads)), 5)}
     if per_variant:
         out["val_variant_acc"] = {f"v{v}": round(100 * sum(h) / len(h), 2) for v, h in sorted(per_variant.items())}
+    if first_stage is not None:
+        out["val_group_acc_fused"] = round(100 * fused_hits / total, 2)
+        if fused_variant:
+            out["val_variant_acc_fused"] = {f"v{v}": round(100 * sum(h) / len(h), 2)
+                                            for v, h in sorted(fused_variant.items())}
     return out
 
 
 @torch.no_grad()
 def test_rerank_gain(checkpoint: Path, pattern: str, device: str, top_k: int = 20, limit: int = 0) -> dict:
     """Quick check on a test split without Beam: T2I R@1/5 of the first stage (backbone cosine over
-    the whole split) vs the joint encoder reranking its top-k (fp32 tokens)."""
+    the whole split) vs the joint encoder reranking its top-k (fp32 tokens), alone and fused with
+    the first stage by the checkpoint's fusion weight (``fused_*``, when it has one)."""
     from models.checkpoint import load_joint_encoder, load_vision_encoder
     encoder, _, _ = load_vision_encoder(checkpoint, device)
-    joint, tokenizer, _, _ = load_joint_encoder(checkpoint, device)
+    joint, tokenizer, cfg, _ = load_joint_encoder(checkpoint, device)
     data = load_scenes(pattern, encoder.backbone.image_transform(), limit)
     tok_clip = encoder.backbone.tokenizer()
     toks, img, txt = [], [], []
@@ -578,7 +685,10 @@ def test_rerank_gain(checkpoint: Path, pattern: str, device: str, top_k: int = 2
         q = torch.arange(i, i + len(c), device=device).repeat_interleave(top_k)
         with autocast(device):
             scores.append(joint(ids[q], mask[q], toks[c.reshape(-1)]).float().reshape(len(c), top_k))
-    reranked = torch.gather(cand, 1, torch.cat(scores).argsort(1, descending=True))
+    scores = torch.cat(scores)
+    reranked = torch.gather(cand, 1, scores.argsort(1, descending=True))
+    w = cfg.joint_encoder.fusion_weight
+    fused = torch.gather(cand, 1, (scores + w * torch.gather(sim, 1, cand)).argsort(1, descending=True))
 
     hit = torch.zeros(n, n, dtype=torch.bool, device=device)
     for i, rel in enumerate(data["relevant"]):
@@ -586,9 +696,12 @@ def test_rerank_gain(checkpoint: Path, pattern: str, device: str, top_k: int = 2
 
     def recall(order, k):
         return round(100 * torch.gather(hit, 1, order[:, :k]).any(1).float().mean().item(), 2)
-    return {"queries": n, "top_k": top_k, "first_stage_R@1": recall(cand, 1), "first_stage_R@5": recall(cand, 5),
-            "reranked_R@1": recall(reranked, 1), "reranked_R@5": recall(reranked, 5),
-            "candidate_recall": recall(cand, top_k)}
+    out = {"queries": n, "top_k": top_k, "first_stage_R@1": recall(cand, 1), "first_stage_R@5": recall(cand, 5),
+           "reranked_R@1": recall(reranked, 1), "reranked_R@5": recall(reranked, 5),
+           "candidate_recall": recall(cand, top_k)}
+    if w:
+        out.update({"fusion_weight": w, "fused_R@1": recall(fused, 1), "fused_R@5": recall(fused, 5)})
+    return out
 
 
 def parse_args(argv):
@@ -597,6 +710,9 @@ def parse_args(argv):
     ap.add_argument("--stage", choices=["clip", "edje", "all"], default="all")
     ap.add_argument("--data", required=True, help="training scene shards (pipeline.make_scenes --split train)")
     ap.add_argument("--output", required=True, help="run directory; the checkpoint lands in OUTPUT/checkpoint")
+    ap.add_argument("--backbone", default=None,
+                    help="with --stage edje: a checkpoint directory whose backbone is the frozen backbone "
+                         "(default: OUTPUT/clip/backbone, the clip stage's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N samples (quick runs)")
@@ -631,6 +747,16 @@ def parse_args(argv):
     ap.add_argument("--num_tokens", type=int, default=16, help="adapter output tokens m")
     ap.add_argument("--adapter_positions", action="store_true",
                     help="add 2-D position codes to the patch tokens the adapter attends over")
+    ap.add_argument("--adapter_cells", action="store_true",
+                    help="each adapter query reads only its own cell of the image (a grid of num_tokens cells)")
+    ap.add_argument("--adapter_output_positions", action="store_true",
+                    help="add learned row and column embeddings to the adapter's output tokens")
+    ap.add_argument("--adapter_position_words", action="store_true",
+                    help="with --adapter_output_positions: start the row/column embeddings at the joint "
+                         "encoder's word embeddings of left/right (columns) and above, top/below, bottom (rows)")
+    ap.add_argument("--adapter_output_norm", type=float, default=0.0,
+                    help="> 0: end the adapter with a LayerNorm whose gain starts here (MiniLM's word "
+                         "embeddings: ~0.055 per element), so the joint encoder's position embeddings are not drowned")
     ap.add_argument("--adapter_locality", type=float, default=0.0,
                     help="> 0: lay the adapter's queries out on a grid, each starting out attending to its "
                          "own cell (Gaussian prior of this width in cells, learnable; implies position codes)")
@@ -648,7 +774,16 @@ def parse_args(argv):
                          "first among the --hard_negatives, then the backbone's hardest")
     ap.add_argument("--mlm_weight", type=float, default=0.0,
                     help="> 0: add the MLM objective on the captions (read with their own image), this weight")
-    ap.add_argument("--mlm_probability", type=float, default=0.3, help="share of caption tokens masked for MLM")
+    ap.add_argument("--mlm_probability", type=float, default=0.5,
+                    help="share of the maskable caption words masked for MLM (whole words; EDJE masks 50%%)")
+    ap.add_argument("--mlm_words", choices=MLM_RULES, default="content",
+                    help="which words MLM may mask: all, content (never a, the, of, ...), or spatial "
+                         "(left, right, above, below, top, bottom)")
+    ap.add_argument("--mlm_only_steps", type=int, default=0,
+                    help="curriculum: this many MLM-only steps (captions read with their own image) before ITM")
+    ap.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=False,
+                    help="rank pairs by logit + w * first-stage cosine inside the listwise loss (w learnt, "
+                         "stored in the checkpoint; rerank then ranks by the same sum)")
     ap.add_argument("--random_only_steps", type=int, default=300, help="curriculum: random negatives first")
     ap.add_argument("--description", default="EDJE demo checkpoint trained on the compositional scenes benchmark")
     ap.add_argument("--test_data", default=None, help="scene shards of a test split: report the rerank gain at the end")
@@ -657,6 +792,8 @@ def parse_args(argv):
         ap.error("--joint_width must be a multiple of 32 (attention heads of width 32)")
     if not 0 < args.neighbour_share <= 1:
         ap.error("--neighbour_share must be in (0, 1]")
+    if args.adapter_position_words and not args.adapter_output_positions:
+        ap.error("--adapter_position_words needs --adapter_output_positions")
     if not 0 < args.mlm_probability <= 1:
         ap.error("--mlm_probability must be in (0, 1]")
     return args
@@ -668,14 +805,21 @@ def run(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     Path(args.output).mkdir(parents=True, exist_ok=True)
     clip_dir = Path(args.output) / "clip"
-    transform = Backbone(clip_backbone_config(args), load_pretrained=False).image_transform()
+    if args.backbone and args.stage != "edje":
+        raise SystemExit("error: --backbone replaces the clip stage: use it with --stage edje")
+    if args.backbone:
+        from models.checkpoint import read_config
+        backbone_cfg = read_config(args.backbone).backbone
+    else:
+        backbone_cfg = clip_backbone_config(args)
+    transform = Backbone(backbone_cfg, load_pretrained=False).image_transform()
     data = load_scenes(args.data, transform, args.limit)
     train_idx, val_idx = split_validation(data["groups"], args.val_fraction)
     log.info("%d training samples (%d validation)", len(train_idx), len(val_idx))
     if args.stage in ("clip", "all"):
         clip_dir = train_clip(args, data, train_idx, val_idx)
     if args.stage in ("edje", "all"):
-        final = train_edje(args, data, train_idx, val_idx, clip_dir)
+        final = train_edje(args, data, train_idx, val_idx, Path(args.backbone) if args.backbone else clip_dir / "backbone")
         if args.test_data:
             metrics = test_rerank_gain(final, args.test_data, args.device)
             (Path(args.output) / "test_metrics.json").write_text(json.dumps(metrics, indent=1))

@@ -325,3 +325,26 @@ def test_retrieve_rerank_evaluate_chain(demo_store, demo_dir, tmp_path):
     assert c["mean_candidates_per_query"] == 6.0 and c["unscored_candidates"] == 0
     assert sorted(os.listdir(out / "strips")) == ["q00.png", "q01.png", "q02.png"]
     assert (out / "recall_at_k.png").stat().st_size > 10_000
+
+
+def test_fused_scores_get_a_joint_encoder_alone_row(tmp_path):
+    queries = [{"query_id": "q1", "text": "a", "candidates": ["a", "b", "c"], "candidate_scores": [0.9, 0.5, 0.1],
+                "relevant": ["b"]},
+               {"query_id": "q2", "text": "b", "candidates": ["d", "e"], "candidate_scores": [0.9, 0.2],
+                "relevant": ["d"]}]
+    # fused order (rank) puts b first for q1 and d for q2; the logits alone prefer c and e
+    scores = [{"query_id": "q1", "image_id": i, "rank": r, "score": s, "first_stage_score": f, "fused_score": u}
+              for i, r, s, f, u in (("b", 1, 0.5, 0.5, 3.0), ("a", 2, -1.0, 0.9, 2.0), ("c", 3, 2.0, 0.1, 1.0))]
+    scores += [{"query_id": "q2", "image_id": i, "rank": r, "score": s, "first_stage_score": f, "fused_score": u}
+               for i, r, s, f, u in (("d", 1, 0.0, 0.9, 2.0), ("e", 2, 1.0, 0.2, 1.5))]
+    result, out = run_eval(tmp_path, queries, scores, "--ks", "1")
+    report = json.loads((out / "report.json").read_text())
+    assert report["t2i"]["first_stage"]["R@1"] == 50.0  # q2 only
+    assert report["t2i"]["reranked"]["R@1"] == 100.0  # the fused order
+    assert report["t2i"]["joint_encoder"]["R@1"] == 0.0  # c and e by the logit alone
+    table = (out / "report.md").read_text()
+    assert "| joint encoder alone |" in table and "| reranked (fused) |" in table
+    # without fused_score there is no such row
+    _, plain = run_eval(tmp_path, queries, [{k: v for k, v in r.items() if k != "fused_score"} for r in scores],
+                        "--ks", "1", name="plain")
+    assert "joint_encoder" not in json.loads((plain / "report.json").read_text())["t2i"]

@@ -1,6 +1,6 @@
 import torch
 
-from models.losses import clip_loss, hardest_negatives, listwise_itm_loss, mask_tokens, random_negatives
+from models.losses import clip_loss, hardest_negatives, listwise_itm_loss, random_negatives
 
 
 def test_hardest_negative_is_the_most_similar_non_match_and_masks_hold():
@@ -64,17 +64,20 @@ def test_preferred_negatives_come_first_and_masks_still_hold():
     assert 3 not in hardest_negatives(sim, 2, masked, prefer)[0].tolist()  # a mask beats a preference
 
 
-def test_mask_tokens_masks_only_real_non_special_tokens_at_least_one_per_row():
-    ids = torch.tensor([[101, 7, 8, 9, 102, 0], [101, 5, 102, 0, 0, 0], [101, 102, 0, 0, 0, 0]])
-    mask = (ids != 0).long()
-    special = torch.tensor([0, 101, 102, 103])
+def test_mask_words_masks_whole_words_never_the_kept_ones_at_least_one_per_row():
+    from models.losses import mask_words
+    ids = torch.tensor([[101, 7, 8, 9, 10, 11, 102, 0], [101, 20, 21, 102, 0, 0, 0, 0], [101, 30, 102, 0, 0, 0, 0, 0]])
+    # row 0: words 0 (tokens 1-2), 1 (token 3, kept visible: -1), 2 (tokens 4-5); row 2: nothing maskable
+    words = torch.tensor([[-1, 0, 0, -1, 2, 2, -1, -1], [-1, 0, 1, -1, -1, -1, -1, -1], [-1] * 8])
     g = torch.Generator().manual_seed(0)
-    for p in (0.0, 0.3, 1.0):
-        masked, labels = mask_tokens(ids, mask, special, 103, p, g)
-        chosen = labels != -100
-        assert not chosen[torch.isin(ids, special)].any()  # [CLS], [SEP], padding never
-        assert chosen[0].sum() >= 1 and chosen[1].tolist() == [False, True, False, False, False, False]
-        assert not chosen[2].any()  # nothing to mask in an empty caption
-        assert (masked[chosen] == 103).all() and (masked[~chosen] == ids[~chosen]).all()
-        assert (labels[chosen] == ids[chosen]).all()
-    assert (mask_tokens(ids, mask, special, 103, 1.0, g)[1][0, 1:4] != -100).all()
+    seen = torch.zeros(ids.shape, dtype=torch.long)
+    for _ in range(200):
+        masked, labels = mask_words(ids, words, 103, 0.5, g)
+        chosen = masked == 103
+        assert torch.equal(labels[chosen], ids[chosen]) and (labels[~chosen] == -100).all()
+        assert not chosen[words == -1].any()  # special tokens, padding and kept words stay
+        assert torch.equal(chosen[0, 1], chosen[0, 2]) and torch.equal(chosen[0, 4], chosen[0, 5])  # whole words
+        assert chosen[0].any() and chosen[1].any() and not chosen[2].any()
+        seen += chosen.long()
+    assert 60 < seen[1, 1] < 140 and 60 < seen[0, 4] < 160  # ~half of the time (more when it is the fallback)
+    assert (mask_words(ids, words, 103, 1.0, g)[0][words >= 0] == 103).all()

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import logging
 
@@ -166,3 +167,32 @@ def test_adapter_locality_starts_each_query_on_its_own_cell_and_round_trips():
     assert adapter.state_dict()["attention_bias"].shape == (4, 16)  # learnable: stored in checkpoints
     with pytest.raises(ValueError):
         AdapterConfig(num_tokens=8, grid=4, locality=0.5)
+
+
+def test_adapter_cells_read_only_their_own_cell_and_output_positions_are_shared_by_rows_and_columns():
+    torch.manual_seed(0)
+    cfg = AdapterConfig(num_tokens=4, input_dim=64, output_dim=32, num_heads=4, mlp_dim=64, grid=4, cells=True,
+                        output_positions=True, output_norm=0.05)
+    adapter = TokenCompressionAdapter(cfg).eval()
+    x = torch.randn(1, 16, 64)
+    y = x.clone()
+    y[0, [10, 11, 14, 15]] += 3.0  # the bottom-right quadrant only
+    with torch.no_grad():
+        a, b = adapter(x), adapter(y)
+        assert torch.allclose(a[0, :3], b[0, :3], atol=1e-6) and not torch.allclose(a[0, 3], b[0, 3], atol=1e-3)
+        # token (r, c) gets rows[r] + columns[c] on top of what the same adapter without them gives
+        bare = TokenCompressionAdapter(dataclasses.replace(cfg, output_positions=False)).eval()
+        bare.load_state_dict({k: v for k, v in adapter.state_dict().items() if k not in ("rows", "columns")})
+        pos = (adapter(x) - bare(x))[0]
+        expect = (adapter.rows[:, None] + adapter.columns[None, :]).reshape(4, -1)
+        assert torch.allclose(pos, expect, atol=1e-6)
+    assert adapter.output_norm.weight.detach().eq(0.05).all()
+    d = cfg.to_dict()
+    assert d["cells"] and d["output_positions"] and d["output_norm"] == 0.05 and AdapterConfig.from_dict(d) == cfg
+    assert not {"cells", "output_positions", "output_norm"} & set(AdapterConfig(grid=4).to_dict())
+    assert {"rows", "columns", "output_norm.weight"} <= set(adapter.state_dict())
+    assert "outside_cell" not in adapter.state_dict()  # fixed mask: nothing stored
+    with pytest.raises(ValueError, match="cells"):
+        AdapterConfig(num_tokens=9, grid=4, cells=True)  # a 4x4 patch grid has no 3x3 cells
+    with pytest.raises(ValueError):
+        AdapterConfig(num_tokens=8, output_positions=True)

@@ -76,7 +76,8 @@ def test_every_known_pair_scored_once_with_consistent_ranks(scored, queries):
         assert set(ids) == expected[qid]
         items.sort(key=lambda r: r["rank"])
         assert [r["rank"] for r in items] == list(range(1, len(items) + 1))
-        assert all(a["score"] >= b["score"] for a, b in zip(items, items[1:]))
+        key = [r.get("fused_score", r["score"]) for r in items]  # fused when the checkpoint has a weight
+        assert all(x >= y for x, y in zip(key, key[1:]))
     q0 = {r["image_id"]: r["first_stage_score"] for r in by_query["q0"]}
     first = queries[1][0]
     assert q0[first["candidates"][0]] == pytest.approx(first["candidate_scores"][0])  # first copy's score kept
@@ -101,9 +102,38 @@ def test_beam_scores_equal_api_scores(scored, demo_store, queries):
     text = {q["query_id"]: q["text"] for q in queries[1]}
     api = Reranker(demo_store[0]).score([(text[r["query_id"]], r["image_id"]) for r in rows])
     assert np.allclose(api, [r["score"] for r in rows], atol=1e-5)
-    ranked = Reranker(demo_store[0]).rank(text["q2"], [r["image_id"] for r in rows if r["query_id"] == "q2"])
-    beam_order = [r["image_id"] for r in sorted((r for r in rows if r["query_id"] == "q2"), key=lambda r: r["rank"])]
+    q2 = [r for r in rows if r["query_id"] == "q2"]
+    ranked = Reranker(demo_store[0]).rank(text["q2"], [r["image_id"] for r in q2],
+                                          first_stage_scores=[r["first_stage_score"] for r in q2])
+    beam_order = [r["image_id"] for r in sorted(q2, key=lambda r: r["rank"])]
     assert [r["image_id"] for r in ranked] == beam_order
+
+
+def test_fusion_follows_the_checkpoint_and_the_api_computes_first_stage_scores_like_retrieve(demo_store, tmp_path):
+    from pipeline import retrieve
+    from transforms.rank_scores import resolve_fusion
+    assert resolve_fusion("auto", None, 0.0) == ("none", 1.0)
+    assert resolve_fusion("auto", None, 12.5) == ("add_first_stage", 12.5)
+    assert resolve_fusion("add_first_stage", None, 0.0) == ("add_first_stage", 1.0)
+    assert resolve_fusion("none", 3.0, 12.5) == ("none", 3.0)
+    store = demo_store[0]
+    (tmp_path / "q.jsonl").write_text(json.dumps({"query_id": "a", "text": TEXTS[1]}) + "\n")
+    retrieve.run(["--queries", str(tmp_path / "q.jsonl"), "--store", str(store), "--top_k", "6",
+                  "--output", str(tmp_path / "c.jsonl"), *BEAM_LOCAL[:1]])
+    cand = json.loads((tmp_path / "c.jsonl").read_text())
+    rr = Reranker(store)
+    assert np.allclose(rr.first_stage_scores(TEXTS[1], cand["candidates"]), cand["candidate_scores"], atol=1e-5)
+    logits = rr.score([(TEXTS[1], i) for i in cand["candidates"]])
+    fused = rr.rank(TEXTS[1], cand["candidates"], fusion=True)  # first-stage scores computed by the API
+    w = rr.fusion_weight or 1.0
+    key = {i: logits[k] + w * cand["candidate_scores"][k] for k, i in enumerate(cand["candidates"])}
+    assert [r["image_id"] for r in fused] == sorted(key, key=lambda i: (-key[i], i))
+    assert all(r["fused_score"] == pytest.approx(key[r["image_id"]], abs=1e-4) for r in fused)
+    alone = rr.rank(TEXTS[1], cand["candidates"], fusion=False)
+    assert "fused_score" not in alone[0] and [r["image_id"] for r in alone] == sorted(
+        cand["candidates"], key=lambda i: (-logits[cand["candidates"].index(i)], i))
+    with pytest.raises(ValueError, match="one score per image"):
+        rr.rank(TEXTS[1], cand["candidates"], first_stage_scores=[0.1])
 
 
 def test_int8_tokens_rank_like_fp32_adapter_tokens(demo_store):

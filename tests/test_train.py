@@ -107,3 +107,27 @@ def test_neighbour_batches_hold_whole_nearby_groups_each_once_per_epoch():
     assert len(set(np.concatenate(epoch).tolist())) == 192
     assert sum(len(set(cluster[b[:8]].tolist())) == 1 for b in epoch) >= 10
     assert sum(len(set(cluster[b].tolist())) == 1 for b in epoch) <= 4
+
+
+def test_fusion_adds_the_first_stage_cosine_inside_the_listwise_loss():
+    import torch.nn.functional as F
+    from models.adapter import AdapterConfig, TokenCompressionAdapter
+    from models.joint_encoder import JointEncoder, JointEncoderConfig, Tokenizer
+    torch.manual_seed(0)
+    b = 8
+    adapter = TokenCompressionAdapter(AdapterConfig(num_tokens=4, input_dim=64, output_dim=384, num_heads=2, mlp_dim=128))
+    joint = JointEncoder(JointEncoderConfig(bert_overrides={"num_hidden_layers": 1}, max_text_tokens=16))
+    ids, mask = Tokenizer(joint.cfg)([f"caption number {i}" for i in range(b)])
+    patch, emb = torch.randn(b, 16, 64), F.normalize(torch.randn(b, 32), dim=-1)
+    same = torch.zeros(b, b, dtype=torch.bool)
+
+    def loss(fusion):  # a first stage that knows every pair: each caption's embedding is its image's
+        return train.edje_step(adapter, joint, patch, emb, emb, ids, mask, torch.arange(b), same, 2,
+                               torch.Generator().manual_seed(0), "cpu", fusion=fusion)[0]
+    alone = loss(None)
+    assert loss(torch.tensor(50.0)) < 0.01 < 0.5 < alone  # the untrained joint encoder alone is near chance
+    w = torch.tensor(2.0, requires_grad=True)
+    fused = loss(w)
+    fused.backward()
+    assert fused < alone and w.grad < 0  # more weight on the (here perfect) first stage lowers the loss
+

@@ -1,7 +1,19 @@
 """Beam step: (request, logit) -> one ranked row per (query, candidate)."""
 import apache_beam as beam
 
-FUSIONS = ("none", "add_first_stage")
+FUSIONS = ("auto", "none", "add_first_stage")
+
+
+def resolve_fusion(fusion: str, weight, checkpoint_weight: float):
+    """-> ("none" | "add_first_stage", weight). ``auto``: the checkpoint's learnt fusion weight when it
+    has one, else the logit alone; a missing ``weight`` takes the checkpoint's (else 1.0)."""
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}")
+    if fusion == "auto":
+        fusion = "add_first_stage" if checkpoint_weight else "none"
+    if weight is None:
+        weight = checkpoint_weight or 1.0
+    return fusion, float(weight)
 
 
 def rank_query(query_id, scored, fusion: str = "none", weight: float = 1.0, top_k: int = 0):
@@ -32,8 +44,8 @@ def rank_query(query_id, scored, fusion: str = "none", weight: float = 1.0, top_
 class RankScores(beam.PTransform):
     def __init__(self, fusion: str = "none", weight: float = 1.0, top_k: int = 0):
         super().__init__()
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}")
+        if fusion not in ("none", "add_first_stage"):
+            raise ValueError("fusion must be none or add_first_stage (resolve 'auto' with resolve_fusion)")
         self.fusion, self.weight, self.top_k = fusion, weight, top_k
 
     def expand(self, scored):
