@@ -41,7 +41,9 @@ square), ``KEY.txt`` (caption), KEY = ``{split}{group:06d}v{variant}``; ``.json`
 graph ``{split, group, variant, objects: [{shape, color, size, x, y, r}], relation, caption}``
 (x, y: centre and r: radius, in pixels; relation: object 0 relative to object 1).
 ``DIR/queries.jsonl``: one query per sample ``{query_id, text, relevant, group, variant}``; ``relevant``
-lists every key of the split showing the same scene (same objects and relation, other jitter).
+lists every key of the split whose image the caption is true for: the same objects and relation
+(other jitter), and the same sizes only where the caption names sizes (``sizes_in_caption`` in
+the scene graph); a caption without sizes is true for a scene of other sizes too.
 N is rounded up to a multiple of 4. The same arguments give byte-identical files (stdlib
 tarfile, mtime 0, uid/gid 0, fixed member order, fixed PNG settings); different seeds give
 different scenes. A one-line JSON summary goes to stdout.
@@ -86,15 +88,16 @@ Scene = Tuple[Tuple[Obj, ...], str]  # (objects, relation of object 0 to object 
 
 # --- splits -------------------------------------------------------------------------------------
 
-def scene_signature(objects, relation: str) -> str:
+def scene_signature(objects, relation: str, with_size: bool = True) -> str:
     """Canonical description of a scene, ignoring jitter: 'B right of A' is written 'A left of B'.
+    ``with_size`` False leaves the sizes out: what a caption that names no size says.
 
     Accepts Obj instances or the scene graph's object dicts.
     """
     objs = [o if isinstance(o, Obj) else Obj(o["shape"], o["color"], o["size"]) for o in objects]
     if relation in ("right of", "below"):
         objs[0], objs[1], relation = objs[1], objs[0], INVERSE[relation]
-    words = [o.phrase(True) for o in objs]
+    words = [o.phrase(with_size) for o in objs]
     return " | ".join([f"{words[0]} {relation} {words[1]}", *words[2:]])
 
 
@@ -266,7 +269,7 @@ def generate(split: str, n: int, seed: int, image_size: int = 64, n_objects: int
             graph = {"split": split, "group": group, "variant": v,
                      "objects": [{"shape": o.shape, "color": o.color, "size": o.size, "x": x, "y": y, "r": r}
                                  for o, (x, y, r) in zip(objs, placed)],
-                     "relation": relation, "caption": text}
+                     "relation": relation, "caption": text, "sizes_in_caption": with_size}
             yield f"{split}{group:06d}v{v}", render_png(objs, placed, image_size), text, graph
 
 
@@ -323,15 +326,19 @@ def main(argv=None) -> dict:
         write_shard(os.path.join(args.output, f"{s:05d}.tar"), batch)
         queries += [{"query_id": key, "text": text, "relevant": [key], "group": graph["group"],
                      "variant": graph["variant"],
-                     "signature": scene_signature(graph["objects"], graph["relation"])}
-                    for key, _, text, graph in batch]
-    # The same scene can be drawn twice (other jitter): every image of it answers the caption.
-    same_scene = {}
+                     "signature": scene_signature(graph["objects"], graph["relation"], with_size),
+                     "shows": {scene_signature(graph["objects"], graph["relation"], w) for w in (True, False)}}
+                    for key, _, text, graph in batch
+                    for with_size in [graph["sizes_in_caption"]]]
+    # Every image the caption is true for answers it: the same scene drawn again (other jitter) and,
+    # for a caption without sizes, the same scene at other sizes.
+    answers = {}
     for q in queries:
-        same_scene.setdefault(q["signature"], []).append(q["query_id"])
+        for sig in q["shows"]:
+            answers.setdefault(sig, []).append(q["query_id"])
     for q in queries:
-        q["relevant"] = sorted(same_scene[q["signature"]])
-        del q["signature"]
+        q["relevant"] = sorted(answers[q["signature"]])
+        del q["signature"], q["shows"]
     with open(os.path.join(args.output, "queries.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(q) + "\n" for q in queries)
     summary = {"split": args.split, "samples": groups * 4, "groups": groups, "shards": shards,

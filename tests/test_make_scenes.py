@@ -245,19 +245,26 @@ def test_shard_and_query_layout(train, capsys, tmp_path):
     for key, s in samples.items():
         assert sorted(s) == ["json", "png", "txt"]
         g = json.loads(s["json"])
-        assert sorted(g) == ["caption", "group", "objects", "relation", "split", "variant"]
+        assert sorted(g) == ["caption", "group", "objects", "relation", "sizes_in_caption", "split", "variant"]
+        assert g["sizes_in_caption"] == bool({"small", "large"} & set(g["caption"].replace(",", " ").split()))
         assert all(sorted(o) == ["color", "r", "shape", "size", "x", "y"] for o in g["objects"])
         assert key == f"train{g['group']:06d}v{g['variant']}" and s["txt"].decode() == g["caption"]
     queries = [json.loads(line) for line in (d / "queries.jsonl").read_text().splitlines()]
     assert [q["query_id"] for q in queries] == sorted(samples)
-    signature = {k: ms.scene_signature(json.loads(s["json"])["objects"], json.loads(s["json"])["relation"])
-                 for k, s in samples.items()}
+    scene = {k: json.loads(s["json"]) for k, s in samples.items()}
+
+    def says(k, with_size):
+        return ms.scene_signature(scene[k]["objects"], scene[k]["relation"], with_size)
     for q in queries:
-        g = json.loads(samples[q["query_id"]]["json"])
-        same = sorted(k for k in samples if signature[k] == signature[q["query_id"]])  # redrawn scenes too
-        assert q == {"query_id": q["query_id"], "text": g["caption"], "relevant": same,
+        g = scene[q["query_id"]]
+        w = g["sizes_in_caption"]  # a caption without sizes is true for the scene at any sizes
+        true_for = sorted(k for k in samples if says(k, w) == says(q["query_id"], w))  # redrawn scenes too
+        assert q == {"query_id": q["query_id"], "text": g["caption"], "relevant": true_for,
                      "group": g["group"], "variant": g["variant"]}
     assert any(len(q["relevant"]) > 1 for q in queries) or len(queries) < 50
+    assert any(not scene[q["query_id"]]["sizes_in_caption"] and
+               any(says(k, True) != says(q["query_id"], True) for k in q["relevant"]) for q in queries) \
+        or len(queries) < 200  # some size-free captions answer a scene of other sizes
     # N rounds up to a multiple of 4, per_shard down; a one-line JSON summary on stdout
     capsys.readouterr()
     small = ms.main(["--split", "train", "--n", "10", "--seed", "0", "--per_shard", "10",
