@@ -87,3 +87,20 @@ def mask_words(ids: torch.Tensor, words: torch.Tensor, mask_id: int, probability
     chosen[empty, fallback[empty]] = True
     token_chosen = torch.gather(torch.cat([torch.zeros_like(chosen[:, :1]), chosen], 1), 1, words + 1)
     return ids.masked_fill(token_chosen, mask_id), ids.masked_fill(~token_chosen, -100)
+
+
+def mask_one_class(ids: torch.Tensor, word_class: torch.Tensor, mask_id: int, generator: torch.Generator = None):
+    """MLM masking by word class: ``word_class`` (B, T) gives each token a class number (-1: none).
+    Each row masks every token of one class drawn uniformly among the classes it has (e.g. all its
+    colour words at once), so a masked word cannot be inferred by elimination from the others of
+    its kind, only by binding. Returns (masked ids, labels) like ``mask_words``."""
+    n_classes = int(word_class.max()) + 1 if word_class.numel() else 0
+    if n_classes == 0:
+        return ids.clone(), torch.full_like(ids, -100)
+    present = torch.zeros(ids.shape[0], n_classes + 1, dtype=torch.bool, device=ids.device)
+    present.scatter_(1, word_class.clamp(min=-1) + 1, True)
+    present = present[:, 1:]
+    draw = torch.rand(present.shape, generator=generator, device=ids.device).masked_fill(~present, -1.0)
+    pick = draw.argmax(1)
+    chosen = (word_class == pick[:, None]) & present.any(1, keepdim=True)
+    return ids.masked_fill(chosen, mask_id), ids.masked_fill(~chosen, -100)

@@ -5,17 +5,18 @@ from typing import Dict, List, Sequence
 import torch
 
 from models.joint_encoder import MAX_TEXT_CHARS
-from models.losses import MaskedLMHead, mask_words
+from models.losses import MaskedLMHead, mask_one_class, mask_words
 
 # Words that say nothing about the image: masking them teaches text statistics, not grounding.
 STOP_WORDS = frozenset("a an the of to is there and with its it on at picture , .".split())
 SPATIAL_WORDS = frozenset("left right above below top bottom".split())
-RULES = ("all", "content", "spatial")
+RULES = ("all", "content", "spatial", "classes")
 
 
 def caption_words(tokenizer, texts: Sequence[str], rule: str):
     """Tokenizes like ``Tokenizer.__call__`` and numbers each caption's maskable words under ``rule``
-    (all words / content words: not in STOP_WORDS / spatial words only). Returns (ids, attention
+    (all words / content words: not in STOP_WORDS / spatial words only; ``classes`` numbers words
+    like ``all``: the caller masks by word class, see ``mask_one_class``). Returns (ids, attention
     mask, words (N, T) long with -1 where a token is never masked, word strings per caption)."""
     if rule not in RULES:
         raise ValueError(f"MLM word rule must be one of {RULES}, not {rule!r}")
@@ -38,7 +39,7 @@ def caption_words(tokenizer, texts: Sequence[str], rule: str):
             if w is None:
                 continue
             word = spans[w]
-            keep = (rule == "all" or (rule == "content" and word not in STOP_WORDS)
+            keep = (rule in ("all", "classes") or (rule == "content" and word not in STOP_WORDS)
                     or (rule == "spatial" and word in SPATIAL_WORDS))
             if keep:
                 words[row, t] = number[w]
@@ -49,11 +50,15 @@ class Mlm:
     """The MLM objective: a batch's captions with some whole words masked are read with image
     tokens, and the masked tokens predicted (weight ``weight`` in the training loss)."""
 
-    def __init__(self, head: MaskedLMHead, mask_id: int, weight: float, probability: float):
+    def __init__(self, head: MaskedLMHead, mask_id: int, weight: float, probability: float, by_class: bool = False):
         self.head, self.mask_id, self.weight, self.probability = head, mask_id, weight, probability
+        self.by_class = by_class  # ``words`` then holds word classes: one whole class is masked per row
 
     def loss(self, joint, ids, mask, words, tokens, gen=None):
-        masked, labels = mask_words(ids, words, self.mask_id, self.probability, gen)
+        if self.by_class:
+            masked, labels = mask_one_class(ids, words, self.mask_id, gen)
+        else:
+            masked, labels = mask_words(ids, words, self.mask_id, self.probability, gen)
         _, hidden = joint(masked, mask, tokens, return_hidden=True)
         return self.head.loss(hidden[:, :ids.shape[1]], labels)
 

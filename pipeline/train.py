@@ -355,7 +355,10 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
     tokenizer = Tokenizer(joint_cfg)
     if args.adapter_position_words:
         init_position_words(adapter, tokenizer, joint.bert.embeddings.word_embeddings.weight)
-    ids, mask, words, _ = caption_words(tokenizer, data["captions"], args.mlm_words)
+    if args.mlm_words == "classes":  # the scenes' word classes: each caption masks all words of one class
+        ids, mask, words = scene_word_classes(tokenizer, data["captions"], args.device)
+    else:
+        ids, mask, words, _ = caption_words(tokenizer, data["captions"], args.mlm_words)
     ids, mask, words = ids.to(args.device), mask.to(args.device), words.to(args.device)
     caption_ids = data["caption_ids"].to(args.device)
     group_ids = torch.as_tensor(data["groups"], device=args.device)
@@ -367,7 +370,7 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
     mlm = grounding = None
     if args.mlm_weight or args.mlm_only_steps:
         mlm = Mlm(MaskedLMHead(joint.bert.embeddings.word_embeddings, joint.bert.config.layer_norm_eps).to(args.device),
-                  tokenizer.tok.mask_token_id, args.mlm_weight, args.mlm_probability)
+                  tokenizer.tok.mask_token_id, args.mlm_weight, args.mlm_probability, args.mlm_words == "classes")
         params.append({"params": mlm.head.parameters(), "lr": args.lr_adapter})
         base_lrs.append(args.lr_adapter)
         modules["mlm"] = mlm.head
@@ -777,8 +780,9 @@ def parse_args(argv):
     ap.add_argument("--mlm_probability", type=float, default=0.5,
                     help="share of the maskable caption words masked for MLM (whole words; EDJE masks 50%%)")
     ap.add_argument("--mlm_words", choices=MLM_RULES, default="content",
-                    help="which words MLM may mask: all, content (never a, the, of, ...), or spatial "
-                         "(left, right, above, below, top, bottom)")
+                    help="which words MLM may mask: all, content (never a, the, of, ...), spatial "
+                         "(left, right, above, below, top, bottom), or classes (the scenes' word classes: "
+                         "each caption masks all its colour, or shape, size or spatial words at once)")
     ap.add_argument("--mlm_only_steps", type=int, default=0,
                     help="curriculum: this many MLM-only steps (captions read with their own image) before ITM")
     ap.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=False,

@@ -81,3 +81,20 @@ def test_mask_words_masks_whole_words_never_the_kept_ones_at_least_one_per_row()
         seen += chosen.long()
     assert 60 < seen[1, 1] < 140 and 60 < seen[0, 4] < 160  # ~half of the time (more when it is the fallback)
     assert (mask_words(ids, words, 103, 1.0, g)[0][words >= 0] == 103).all()
+
+
+def test_mask_one_class_masks_every_word_of_one_class_per_row():
+    from models.losses import mask_one_class
+    ids = torch.arange(10, 18).repeat(3, 1)
+    cls = torch.tensor([[-1, 0, 1, 0, 1, 2, -1, -1], [-1, 1, 1, -1, -1, -1, -1, -1], [-1] * 8])
+    g = torch.Generator().manual_seed(0)
+    picked = set()
+    for _ in range(60):
+        masked, labels = mask_one_class(ids, cls, 103, g)
+        chosen = masked == 103
+        assert torch.equal(labels[chosen], ids[chosen]) and (labels[~chosen] == -100).all()
+        row0 = {int(c) for c in cls[0][chosen[0]]}
+        assert len(row0) == 1 and chosen[0].sum() == (cls[0] == row0.pop()).sum()  # all of that class, only it
+        picked.add(int(cls[0][chosen[0]][0]))
+        assert torch.equal(chosen[1], cls[1] == 1) and not chosen[2].any()
+    assert picked == {0, 1, 2}
