@@ -13,7 +13,9 @@ and identical captions) plus one random image; likewise for each image over capt
 scored pair serves both directions. Batches are built from whole scene groups, so a scene's
 colour- and relation-swapped siblings are in the batch, and they are taken first among the hard
 negatives (``--sibling_negatives``): the frozen backbone that mines the rest may already tell
-them apart and so never pick them. Optional: MLM on the captions (``--mlm_weight``).
+them apart and so never pick them. Optional: MLM on the captions (``--mlm_weight``, whole words by
+``--mlm_words``; ``--mlm_only_steps`` of it before ITM) with a grounding report per word class, and
+``--fusion``: pairs ranked by logit + w * first-stage cosine in the loss, w stored in the checkpoint.
 Writes ``OUTPUT/checkpoint`` (config.json + model.safetensors); seeded; resumable from
 ``OUTPUT/<stage>/state.pt`` (tensors only, loaded with weights_only=True).
 """
