@@ -237,12 +237,10 @@ class Trainer:
         record.update(step=self.step, metric=metric)
         self.history.append(record)
         tqdm.write(json.dumps(record))
-        if not counts:
-            pass
-        elif metric > self.best + 1e-4:
+        if counts and metric > self.best + 1e-4:
             self.best, self.bad_evals = metric, 0
             torch.save({k: m.state_dict() for k, m in modules.items()}, self.dir / "best.pt")
-        else:
+        elif counts:
             self.bad_evals += 1
         self.save(modules)
         return self.bad_evals >= self.args.patience
