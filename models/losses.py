@@ -67,6 +67,16 @@ class MaskedLMHead(torch.nn.Module):
         return F.cross_entropy(logits.float(), labels[keep])
 
 
+def _present(labels: torch.Tensor):
+    """(B, T) per-token numbers (-1: none) -> (B, n) bool, number k occurs in row b; None if no row has any."""
+    n = int(labels.max()) + 1 if labels.numel() else 0
+    if n <= 0:
+        return None
+    present = torch.zeros(labels.shape[0], n + 1, dtype=torch.bool, device=labels.device)
+    present.scatter_(1, labels.clamp(min=-1) + 1, True)
+    return present[:, 1:]
+
+
 def mask_words(ids: torch.Tensor, words: torch.Tensor, mask_id: int, probability: float,
                generator: torch.Generator = None):
     """Whole-word masking for MLM: ``words`` (B, T) gives each token's word number within its row, -1
@@ -74,12 +84,9 @@ def mask_words(ids: torch.Tensor, words: torch.Tensor, mask_id: int, probability
     is chosen with ``probability`` (at least one per row that has any) and all its tokens are
     replaced by ``mask_id``. Returns (masked ids, labels) with labels -100 where nothing is to be
     predicted."""
-    n_words = int(words.max()) + 1 if words.numel() else 0
-    if n_words == 0:
+    present = _present(words)
+    if present is None:
         return ids.clone(), torch.full_like(ids, -100)
-    present = torch.zeros(ids.shape[0], n_words + 1, dtype=torch.bool, device=ids.device)
-    present.scatter_(1, words.clamp(min=-1) + 1, True)
-    present = present[:, 1:]  # (B, n_words): word w occurs in row b
     draw = torch.rand(present.shape, generator=generator, device=ids.device)
     chosen = present & (draw < probability)
     fallback = draw.masked_fill(~present, -1.0).argmax(1)
@@ -94,12 +101,9 @@ def mask_one_class(ids: torch.Tensor, word_class: torch.Tensor, mask_id: int, ge
     Each row masks every token of one class drawn uniformly among the classes it has (e.g. all its
     colour words at once), so a masked word cannot be inferred by elimination from the others of
     its kind, only by binding. Returns (masked ids, labels) like ``mask_words``."""
-    n_classes = int(word_class.max()) + 1 if word_class.numel() else 0
-    if n_classes == 0:
+    present = _present(word_class)
+    if present is None:
         return ids.clone(), torch.full_like(ids, -100)
-    present = torch.zeros(ids.shape[0], n_classes + 1, dtype=torch.bool, device=ids.device)
-    present.scatter_(1, word_class.clamp(min=-1) + 1, True)
-    present = present[:, 1:]
     draw = torch.rand(present.shape, generator=generator, device=ids.device).masked_fill(~present, -1.0)
     pick = draw.argmax(1)
     chosen = (word_class == pick[:, None]) & present.any(1, keepdim=True)

@@ -10,13 +10,12 @@ from models.losses import MaskedLMHead, mask_one_class, mask_words
 # Words that say nothing about the image: masking them teaches text statistics, not grounding.
 STOP_WORDS = frozenset("a an the of to is there and with its it on at picture , .".split())
 SPATIAL_WORDS = frozenset("left right above below top bottom".split())
-RULES = ("all", "content", "spatial", "classes")
+RULES = ("all", "content", "spatial")
 
 
 def caption_words(tokenizer, texts: Sequence[str], rule: str):
     """Tokenizes like ``Tokenizer.__call__`` and numbers each caption's maskable words under ``rule``
-    (all words / content words: not in STOP_WORDS / spatial words only; ``classes`` numbers words
-    like ``all``: the caller masks by word class, see ``mask_one_class``). Returns (ids, attention
+    (all words / content words: not in STOP_WORDS / spatial words only). Returns (ids, attention
     mask, words (N, T) long with -1 where a token is never masked, word strings per caption)."""
     if rule not in RULES:
         raise ValueError(f"MLM word rule must be one of {RULES}, not {rule!r}")
@@ -39,7 +38,7 @@ def caption_words(tokenizer, texts: Sequence[str], rule: str):
             if w is None:
                 continue
             word = spans[w]
-            keep = (rule in ("all", "classes") or (rule == "content" and word not in STOP_WORDS)
+            keep = (rule == "all" or (rule == "content" and word not in STOP_WORDS)
                     or (rule == "spatial" and word in SPATIAL_WORDS))
             if keep:
                 words[row, t] = number[w]

@@ -41,30 +41,24 @@ class Reranker:
             raise KeyError(f"{len(missing)} image id(s) not in the store, e.g. {missing[:5]}")
         return dict(zip(found, tokens)), dict(zip(found, embeddings))
 
-    def _tokens(self, image_ids: Sequence[str]) -> Dict[str, np.ndarray]:
-        return self._rows(image_ids)[0]
-
-    def first_stage_scores(self, query: str, image_ids: Sequence[str]) -> np.ndarray:
+    def first_stage_scores(self, query: str, image_ids: Sequence[str], embeddings=None) -> np.ndarray:
         """The first stage's cosine of ``query`` with each stored image embedding (what retrieve
-        writes as candidate_scores), from the checkpoint's own text tower."""
+        writes as candidate_scores), from the checkpoint's own text tower (retrieve's encoder)."""
         if self._text_encoder is None:
-            from models.checkpoint import load_vision_encoder
-            encoder, _, _ = load_vision_encoder(self.checkpoint, self.device)
-            self._text_encoder = (encoder.backbone, encoder.backbone.tokenizer())
-        backbone, tokenizer = self._text_encoder
-        with torch.inference_mode():
-            text = backbone.encode_text(tokenizer([query]).to(self.device)).float().cpu().numpy()[0]
-        embeddings = self._rows(image_ids)[1]
+            from transforms.text_handler import load_text_encoder
+            self._text_encoder = load_text_encoder(self.checkpoint, self.device)[0]
+        text = self._text_encoder.encode([query])[0]
+        embeddings = embeddings if embeddings is not None else self._rows(image_ids)[1]
         return np.array([float(embeddings[i] @ text) for i in image_ids], np.float64)
 
     def score(self, pairs: Sequence[Tuple[str, str]]) -> np.ndarray:
         """(query text, image_id) pairs -> joint-encoder logits, in order. Unknown ids raise KeyError."""
         if not pairs:
             return np.zeros(0, np.float64)
-        for text, _ in pairs:
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError("every query text must be a non-empty string")
-        tokens = self._tokens([image_id for _, image_id in pairs])
+        _check_texts(t for t, _ in pairs)
+        return self._score(pairs, self._rows([image_id for _, image_id in pairs])[0])
+
+    def _score(self, pairs, tokens: Dict[str, np.ndarray]) -> np.ndarray:
         out = []
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start:start + self.batch_size]
@@ -82,12 +76,16 @@ class Reranker:
             raise ValueError("first_stage_scores needs one score per image id")
         first = dict(zip(image_ids, first_stage_scores)) if first_stage_scores is not None else None
         ids = list(dict.fromkeys(image_ids))
-        scores = self.score([(query, i) for i in ids])
+        if not ids:
+            return []
+        _check_texts([query])
+        tokens, embeddings = self._rows(ids)  # one store read for the logits and the cosines
+        scores = self._score([(query, i) for i in ids], tokens)
         fused = self.fusion_weight > 0 if fusion is None else fusion
         key = scores
-        if fused and ids:
+        if fused:
             cos = (np.array([float(first[i]) for i in ids]) if first is not None
-                   else self.first_stage_scores(query, ids))
+                   else self.first_stage_scores(query, ids, embeddings))
             key = scores + (self.fusion_weight or 1.0) * cos
         order = sorted(range(len(ids)), key=lambda k: (-key[k], ids[k]))
         if top_k:
@@ -99,3 +97,9 @@ class Reranker:
                 row["fused_score"] = float(key[k])
             out.append(row)
         return out
+
+
+def _check_texts(texts) -> None:
+    for text in texts:
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("every query text must be a non-empty string")

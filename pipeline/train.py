@@ -779,7 +779,7 @@ def parse_args(argv):
                     help="> 0: add the MLM objective on the captions (read with their own image), this weight")
     ap.add_argument("--mlm_probability", type=float, default=0.5,
                     help="share of the maskable caption words masked for MLM (whole words; EDJE masks 50%%)")
-    ap.add_argument("--mlm_words", choices=MLM_RULES, default="content",
+    ap.add_argument("--mlm_words", choices=[*MLM_RULES, "classes"], default="content",
                     help="which words MLM may mask: all, content (never a, the, of, ...), spatial "
                          "(left, right, above, below, top, bottom), or classes (the scenes' word classes: "
                          "each caption masks all its colour, or shape, size or spatial words at once)")
