@@ -89,8 +89,11 @@ class TokenCompressionAdapter(nn.Module):
             nn.init.constant_(self.output_norm.weight, cfg.output_norm)
         if cfg.output_positions:
             # at the scale of BERT's own position embeddings (init std 0.02 there, ~0.03 trained)
-            self.rows = nn.Parameter(torch.randn(side, cfg.output_dim) * 0.03)
-            self.columns = nn.Parameter(torch.randn(side, cfg.output_dim) * 0.03)
+            # next to its word embeddings (~0.055 a dimension); larger tokens (a gain above that,
+            # for a joint encoder's middle layers) get proportionally larger positions
+            std = 0.03 * max(1.0, cfg.output_norm / 0.055)
+            self.rows = nn.Parameter(torch.randn(side, cfg.output_dim) * std)
+            self.columns = nn.Parameter(torch.randn(side, cfg.output_dim) * std)
 
     def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         if self.cfg.grid:

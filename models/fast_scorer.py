@@ -8,10 +8,14 @@ layer that finishes only the [CLS] row (the only one the pooler reads). It is po
 BERT exactly (LayerNorm eps and activation from the BERT config), so its logits equal
 ``JointEncoder``'s up to float rounding, and it compiles cleanly with ``torch.compile``.
 
+With ``text_layers`` (``JointEncoderConfig``) the lower layers run on the text alone, once per
+distinct text of the batch (``text_index``), and the image tokens join above them.
+
 bf16: cast the module (``FastScorer.from_joint_encoder(j).to(device, torch.bfloat16)``); inputs
 are cast to the weights' dtype and logits come back float32.
 """
 from functools import partial
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -97,9 +101,14 @@ class FastScorer(nn.Module):
         return fast.float().eval()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                image_tokens: torch.Tensor) -> torch.Tensor:
+                image_tokens: torch.Tensor, text_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids/attention_mask: (B, T) ``[CLS] text [SEP]`` right-padded; image_tokens (B, m, h).
-        Returns logits (B,) float32, equal to ``JointEncoder.forward`` on the same inputs."""
+        Returns logits (B,) float32, equal to ``JointEncoder.forward`` on the same inputs (and the
+        same ``text_index``: pair i reads text ``text_index[i]``)."""
+        if self.joint_cfg is not None and self.joint_cfg.text_layers:
+            return self._forward_split(input_ids, attention_mask, image_tokens, text_index)
+        if text_index is not None:
+            input_ids, attention_mask = input_ids[text_index], attention_mask[text_index]
         b, t = input_ids.shape
         m, h = image_tokens.shape[1], image_tokens.shape[2]
         n = t + m + 1
@@ -122,6 +131,24 @@ class FastScorer(nn.Module):
         keep = (rel <= m)[:, None, None, :]  # text, image tokens and the closing [SEP]
         for i, layer in enumerate(self.layers):
             x = layer(x, keep, cls_only=i == len(self.layers) - 1)
+        return self.head(torch.tanh(self.pooler(x[:, 0]))).squeeze(-1).float()
+
+    def _forward_split(self, input_ids, attention_mask, image_tokens, text_index):
+        """Text-only lower layers once per text, then text states + image tokens (JointEncoder's split)."""
+        k = self.joint_cfg.text_layers
+        t = input_ids.shape[1]
+        x = self.word(input_ids) + self.token_type(torch.zeros_like(input_ids)) + self.position.weight[:t]
+        x = self.ln(x)
+        for layer in self.layers[:k]:
+            x = layer(x, attention_mask.bool()[:, None, None, :])
+        if text_index is not None:
+            x, attention_mask = x[text_index], attention_mask[text_index]
+        x = torch.cat([x, image_tokens.to(x.dtype)], 1)
+        keep = torch.cat([attention_mask.bool(), attention_mask.new_ones(image_tokens.shape[:2], dtype=torch.bool)], 1)
+        keep = keep[:, None, None, :]
+        top = self.layers[k:]
+        for i, layer in enumerate(top):
+            x = layer(x, keep, cls_only=i == len(top) - 1)
         return self.head(torch.tanh(self.pooler(x[:, 0]))).squeeze(-1).float()
 
     def prepare_int8(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

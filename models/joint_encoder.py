@@ -4,6 +4,13 @@ The ``<img>`` embeddings are the stored (dequantized) adapter tokens; text posit
 type 0, image positions and the closing [SEP] type 1. Each row is packed without inner padding
 (text, then its image tokens, then padding at the end), so a pair's score does not depend on
 the other texts in its batch. The pooler output feeds a linear head: one logit per pair.
+
+``text_layers`` = k > 0 splits the layers: the first k read the text alone (``[CLS] text [SEP]``,
+BERT's own embeddings), and the image tokens join only for the rest, entering as they are (no
+BERT position, type or [SEP] embedding: the adapter gives them their places). A caption's lower
+states are then computed once for all its candidates (``text_index``), and the joint layers start
+from MiniLM's parse of the sentence: which object a relation word is about is already in its
+state, so "find that object's token and read where it is" is a single attention hop.
 """
 import hashlib
 import logging
@@ -80,17 +87,22 @@ class JointEncoderConfig(JsonConfig):
     image_positions: str = "after_text"
     # > 0: rerank ranks by logit + fusion_weight * first-stage cosine (learnt in training)
     fusion_weight: float = 0.0
+    # > 0: the first text_layers layers read the text alone; image tokens join after them
+    text_layers: int = 0
 
     def __post_init__(self):
         if self.image_positions not in ("after_text", "fixed"):
             raise ValueError(f"image_positions must be 'after_text' or 'fixed', not {self.image_positions!r}")
+        if self.text_layers < 0:
+            raise ValueError(f"text_layers must be >= 0, not {self.text_layers}")
 
     def to_dict(self):
         d = super().to_dict()
         if d["image_positions"] == "after_text":
             del d["image_positions"]  # checkpoints from before the option keep their fingerprint
-        if not d["fusion_weight"]:
-            del d["fusion_weight"]
+        for name in ("fusion_weight", "text_layers"):
+            if not d[name]:
+                del d[name]  # checkpoints from before the option keep their fingerprint
         return d
 
 
@@ -139,16 +151,25 @@ class JointEncoder(nn.Module):
         self.cfg = cfg
         self.bert = build_bert(cfg, load_base_weights)
         self.head = nn.Linear(self.bert.config.hidden_size, 1)
+        if cfg.text_layers >= self.bert.config.num_hidden_layers:
+            raise ValueError(f"text_layers {cfg.text_layers} leaves no joint layer of "
+                             f"{self.bert.config.num_hidden_layers}")
 
     @property
     def hidden_size(self) -> int:
         return self.bert.config.hidden_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                image_tokens: torch.Tensor, return_hidden: bool = False):
+                image_tokens: torch.Tensor, return_hidden: bool = False, text_index: Optional[torch.Tensor] = None):
         """input_ids/attention_mask: (B, T) tokenized ``[CLS] text [SEP]`` right-padded;
         image_tokens: (B, m, h). Returns logits (B,); with ``return_hidden`` also the last hidden
-        states (B, T + m + 1, h), whose first T positions are the text's (training objectives)."""
+        states (B, n, h), whose first T positions are the text's (training objectives).
+        ``text_index`` (B,): pair i reads text ``text_index[i]`` of ``input_ids`` (then (U, T) for U
+        distinct texts), so text-only layers run once per text."""
+        if self.cfg.text_layers:
+            return self._forward_split(input_ids, attention_mask, image_tokens, return_hidden, text_index)
+        if text_index is not None:
+            input_ids, attention_mask = input_ids[text_index], attention_mask[text_index]
         b, t = input_ids.shape
         m = image_tokens.shape[1]
         emb = self.bert.embeddings.word_embeddings
@@ -176,6 +197,31 @@ class JointEncoder(nn.Module):
         logits = self.head(out.pooler_output).squeeze(-1).float()
         return (logits, out.last_hidden_state) if return_hidden else logits
 
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(U, T, h) states of the texts after the text-only layers."""
+        x = self.bert.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+        return self._run(x, attention_mask, self.bert.encoder.layer[:self.cfg.text_layers])
+
+    def _forward_split(self, input_ids, attention_mask, image_tokens, return_hidden, text_index):
+        states = self.encode_text(input_ids, attention_mask)
+        if text_index is not None:
+            states, attention_mask = states[text_index], attention_mask[text_index]
+        x = torch.cat([states, image_tokens.to(states.dtype)], 1)
+        keep = torch.cat([attention_mask, attention_mask.new_ones(image_tokens.shape[:2])], 1)
+        x = self._run(x, keep, self.bert.encoder.layer[self.cfg.text_layers:])
+        logits = self.head(self.bert.pooler(x)).squeeze(-1).float()
+        return (logits, x) if return_hidden else logits
+
+    @staticmethod
+    def _run(x: torch.Tensor, keep: torch.Tensor, layers) -> torch.Tensor:
+        # an additive key mask works with both the eager and the sdpa attention of HF's BertLayer
+        bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(keep == 0, torch.finfo(x.dtype).min)
+        bias = bias[:, None, None, :]
+        for layer in layers:
+            out = layer(x, bias)
+            x = out[0] if isinstance(out, tuple) else out  # transformers 4 returns a tuple
+        return x
+
 
 class Tokenizer:
     """BERT tokenizer for query texts, capped at ``max_text_tokens`` (incl. [CLS] and [SEP])."""
@@ -194,7 +240,11 @@ class Tokenizer:
 @torch.inference_mode()
 def score_batch(model: nn.Module, tokenizer: Tokenizer, texts: List[str], image_tokens: np.ndarray,
                 device: str = "cpu") -> np.ndarray:
-    """Logits for pairs (texts[i], image_tokens[i]); image_tokens float32 (B, m, h)."""
-    ids, mask = tokenizer(texts)
+    """Logits for pairs (texts[i], image_tokens[i]); image_tokens float32 (B, m, h). Each distinct
+    text is tokenized (and with ``text_layers``, encoded) once: a rerank batch is mostly one query."""
+    unique = list(dict.fromkeys(texts))
+    ids, mask = tokenizer(unique)
+    position = {t: i for i, t in enumerate(unique)}
+    text_index = torch.tensor([position[t] for t in texts], device=device)
     tokens = torch.from_numpy(np.ascontiguousarray(image_tokens, dtype=np.float32))
-    return model(ids.to(device), mask.to(device), tokens.to(device)).cpu().numpy()
+    return model(ids.to(device), mask.to(device), tokens.to(device), text_index=text_index).cpu().numpy()

@@ -1,4 +1,6 @@
 """Training objectives: CLIP contrastive loss, hard-negative mining, listwise ITM (EDJE Sec. 3.3)."""
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -96,15 +98,23 @@ def mask_words(ids: torch.Tensor, words: torch.Tensor, mask_id: int, probability
     return ids.masked_fill(token_chosen, mask_id), ids.masked_fill(~token_chosen, -100)
 
 
-def mask_one_class(ids: torch.Tensor, word_class: torch.Tensor, mask_id: int, generator: torch.Generator = None):
+def mask_one_class(ids: torch.Tensor, word_class: torch.Tensor, mask_id: int, generator: torch.Generator = None,
+                   union: Sequence[int] = ()):
     """MLM masking by word class: ``word_class`` (B, T) gives each token a class number (-1: none).
     Each row masks every token of one class drawn uniformly among the classes it has (e.g. all its
     colour words at once), so a masked word cannot be inferred by elimination from the others of
-    its kind, only by binding. Returns (masked ids, labels) like ``mask_words``."""
+    its kind, only by binding. ``union``: one more choice, every token of these classes at once
+    (a row needs two of them). Returns (masked ids, labels) like ``mask_words``."""
     present = _present(word_class)
     if present is None:
         return ids.clone(), torch.full_like(ids, -100)
+    union = [c for c in union if c < present.shape[1]]
+    if union:
+        present = torch.cat([present, present[:, union].sum(1, keepdim=True) >= 2], 1)
     draw = torch.rand(present.shape, generator=generator, device=ids.device).masked_fill(~present, -1.0)
     pick = draw.argmax(1)
-    chosen = (word_class == pick[:, None]) & present.any(1, keepdim=True)
+    chosen = word_class == pick[:, None]
+    if union:
+        chosen |= (pick == present.shape[1] - 1)[:, None] & torch.isin(word_class, torch.tensor(union, device=ids.device))
+    chosen &= present.any(1, keepdim=True)
     return ids.masked_fill(chosen, mask_id), ids.masked_fill(~chosen, -100)

@@ -49,13 +49,15 @@ class Mlm:
     """The MLM objective: a batch's captions with some whole words masked are read with image
     tokens, and the masked tokens predicted (weight ``weight`` in the training loss)."""
 
-    def __init__(self, head: MaskedLMHead, mask_id: int, weight: float, probability: float, by_class: bool = False):
+    def __init__(self, head: MaskedLMHead, mask_id: int, weight: float, probability: float, by_class: bool = False,
+                 union: Sequence[int] = ()):
         self.head, self.mask_id, self.weight, self.probability = head, mask_id, weight, probability
         self.by_class = by_class  # ``words`` then holds word classes: one whole class is masked per row
+        self.union = tuple(union)  # with by_class: masking all these classes at once is one more choice
 
     def loss(self, joint, ids, mask, words, tokens, gen=None):
         if self.by_class:
-            masked, labels = mask_one_class(ids, words, self.mask_id, gen)
+            masked, labels = mask_one_class(ids, words, self.mask_id, gen, self.union)
         else:
             masked, labels = mask_words(ids, words, self.mask_id, self.probability, gen)
         _, hidden = joint(masked, mask, tokens, return_hidden=True)
@@ -74,14 +76,18 @@ class Mlm:
 
 
 def grounding_report(mlm: Mlm, joint, ids, mask, word_class: torch.Tensor, tokens: torch.Tensor,
-                     other_tokens: torch.Tensor, classes: Dict[int, str], batch: int = 256) -> dict:
+                     other_tokens: torch.Tensor, classes: Dict[int, str], batch: int = 256,
+                     unions: Dict[str, Sequence[int]] = None) -> dict:
     """Masked-word accuracy per word class (all words of the class masked at once), reading the
     caption's own image, another image (``other_tokens``: a different scene's) and no image (zero
     tokens). ``word_class`` (N, T): a class number per token, -1 for none. Own minus other is what
-    the image adds beyond the caption's text."""
+    the image adds beyond the caption's text. ``unions``: also name -> classes masked together."""
     out = {}
-    for c, name in classes.items():
-        rows = torch.nonzero((word_class == c).any(1)).squeeze(1)
+    groups = {name: (c,) for c, name in classes.items()}
+    groups.update(unions or {})
+    for name, members in groups.items():
+        in_group = torch.isin(word_class, torch.tensor(members, device=word_class.device))
+        rows = torch.nonzero(in_group.any(1)).squeeze(1)
         if not len(rows):
             continue
         row = {}
@@ -89,7 +95,7 @@ def grounding_report(mlm: Mlm, joint, ids, mask, word_class: torch.Tensor, token
             hits = total = 0
             for i in range(0, len(rows), batch):
                 r = rows[i:i + batch]
-                sel = word_class[r] == c
+                sel = in_group[r]
                 acc = mlm.accuracy(joint, ids[r], mask[r], sel, source[r])
                 n = int(sel.sum())
                 hits, total = hits + acc * n, total + n

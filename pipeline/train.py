@@ -352,10 +352,14 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
         init_from_minilm(joint.bert)
     joint = joint.to(args.device)
     joint.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # MiniLM's, or their projection
+    if args.text_layers and not args.train_text_layers and not args.joint_width:
+        # MiniLM's own parse of the caption: no backward through it, and it loads from the package
+        for module in (joint.bert.embeddings, *joint.bert.encoder.layer[:args.text_layers]):
+            module.requires_grad_(False)
     tokenizer = Tokenizer(joint_cfg)
     if args.adapter_position_words:
         init_position_words(adapter, tokenizer, joint.bert.embeddings.word_embeddings.weight)
-    if args.mlm_words == "classes":  # the scenes' word classes: each caption masks all words of one class
+    if args.mlm_words in ("classes", "objects"):  # the scenes' word classes: each caption masks all words of one class
         ids, mask, words = scene_word_classes(tokenizer, data["captions"], args.device)
     else:
         ids, mask, words, _ = caption_words(tokenizer, data["captions"], args.mlm_words)
@@ -370,7 +374,8 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
     mlm = grounding = None
     if args.mlm_weight or args.mlm_only_steps:
         mlm = Mlm(MaskedLMHead(joint.bert.embeddings.word_embeddings, joint.bert.config.layer_norm_eps).to(args.device),
-                  tokenizer.tok.mask_token_id, args.mlm_weight, args.mlm_probability, args.mlm_words == "classes")
+                  tokenizer.tok.mask_token_id, args.mlm_weight, args.mlm_probability,
+                  args.mlm_words in ("classes", "objects"), OBJECT_CLASSES if args.mlm_words == "objects" else ())
         params.append({"params": mlm.head.parameters(), "lr": args.lr_adapter})
         base_lrs.append(args.lr_adapter)
         modules["mlm"] = mlm.head
@@ -446,8 +451,9 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
     if fusion is not None:
         joint_cfg = dataclasses.replace(joint_cfg, fusion_weight=round(fusion.weight.item(), 6))
         cfg = CheckpointConfig(backbone.cfg, adapter_cfg, joint_cfg, description=args.description)
-    joint_state = {k: v for k, v in joint.state_dict().items()  # MiniLM's own embeddings load from the package
-                   if args.joint_width or k != "bert.embeddings.word_embeddings.weight"}
+    frozen = {k for k, p in joint.named_parameters() if not p.requires_grad}
+    joint_state = {k: v for k, v in joint.state_dict().items()  # MiniLM's own frozen weights load from the package
+                   if args.joint_width or k not in frozen}
     final = Path(args.output) / "checkpoint"
     fp = save_checkpoint(final, cfg, {"backbone": backbone, "adapter": adapter, "joint": joint_state},
                          dtype=torch.float16)
@@ -458,7 +464,8 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
 def joint_encoder_config(args) -> JointEncoderConfig:
     """The first ``--joint_layers`` MiniLM layers, or (``--joint_width``) a narrower BERT of that many
     layers with MiniLM's vocabulary, initialised by ``init_from_minilm``."""
-    common = dict(max_text_tokens=args.max_text_tokens, image_positions=args.image_positions)
+    common = dict(max_text_tokens=args.max_text_tokens, image_positions=args.image_positions,
+                  text_layers=args.text_layers)
     if not args.joint_width:
         return JointEncoderConfig(base_model=MINILM_PACKAGE, bert_overrides={"num_hidden_layers": args.joint_layers},
                                   **common)
@@ -525,6 +532,9 @@ class Fusion(torch.nn.Module):
 
 GROUNDING_ROWS = 512  # validation captions in each grounding evaluation
 WORD_CLASSES = {0: "colour", 1: "shape", 2: "size", 3: "spatial"}
+# every word naming an object, masked at once: only the relation words are left to say which
+# object is which, so filling them in needs the objects' places (``--mlm_words objects``)
+OBJECT_CLASSES = (0, 1, 2)
 
 
 def scene_word_classes(tokenizer, captions, device):
@@ -549,7 +559,8 @@ def eval_grounding(mlm, adapter, joint, patch, ids, mask, val_idx, grounding):
     g_ids, g_mask, g_cls = grounding
     rows = torch.as_tensor(val_idx[:len(g_ids)], device=patch.device)
     tokens = adapter(patch[rows])
-    return grounding_report(mlm, joint, g_ids, g_mask, g_cls, tokens, tokens.roll(4, 0), WORD_CLASSES)
+    return grounding_report(mlm, joint, g_ids, g_mask, g_cls, tokens, tokens.roll(4, 0), WORD_CLASSES,
+                            unions={"objects": OBJECT_CLASSES})
 
 
 def same_group(group_ids: torch.Tensor, idx) -> torch.Tensor:
@@ -587,7 +598,7 @@ def edje_step(adapter, joint, patch, img_emb, txt_emb, ids, mask, idx, same_capt
     width = int(batch_mask.sum(1).max())  # drop the padding no caption of this batch needs
     with autocast(device):
         tokens = adapter(patch[idx])
-        logits = joint(batch_ids[cap, :width], batch_mask[cap, :width], tokens[img]).float()
+        logits = joint(batch_ids[:, :width], batch_mask[:, :width], tokens[img], text_index=cap).float()
         if fusion is not None:
             logits = logits + fusion * sim[cap, img]
         loss = listwise_itm_loss(logits, cap, img, b)
@@ -628,7 +639,8 @@ def eval_edje(adapter, joint, patch, ids, mask, val_idx, groups, device, variant
         cap = m.repeat_interleave(n)
         img = m.repeat(n)
         with autocast(device):
-            s = joint(ids[vidx[cap]], mask[vidx[cap]], tokens[img]).float().reshape(n, n)
+            s = joint(ids[vidx[m]], mask[vidx[m]], tokens[img],
+                      text_index=torch.arange(n, device=device).repeat_interleave(n)).float().reshape(n, n)
         target = torch.arange(n, device=device)
         spreads.append(s.std().item() if n > 1 else 0.0)
         hits = (s.argmax(1) == target).tolist()
@@ -687,7 +699,8 @@ def test_rerank_gain(checkpoint: Path, pattern: str, device: str, top_k: int = 2
         c = cand[i:i + 64]
         q = torch.arange(i, i + len(c), device=device).repeat_interleave(top_k)
         with autocast(device):
-            scores.append(joint(ids[q], mask[q], toks[c.reshape(-1)]).float().reshape(len(c), top_k))
+            scores.append(joint(ids[i:i + len(c)], mask[i:i + len(c)], toks[c.reshape(-1)],
+                                text_index=q - i).float().reshape(len(c), top_k))
     scores = torch.cat(scores)
     reranked = torch.gather(cand, 1, scores.argsort(1, descending=True))
     w = cfg.joint_encoder.fusion_weight
@@ -764,6 +777,12 @@ def parse_args(argv):
                     help="> 0: lay the adapter's queries out on a grid, each starting out attending to its "
                          "own cell (Gaussian prior of this width in cells, learnable; implies position codes)")
     ap.add_argument("--joint_layers", type=int, default=3, help="MiniLM layers kept in the joint encoder")
+    ap.add_argument("--text_layers", type=int, default=0,
+                    help="> 0: the first this many of the --joint_layers read the caption alone (computed "
+                         "once per caption); the image tokens join the layers above them")
+    ap.add_argument("--train_text_layers", action="store_true",
+                    help="with --text_layers: train them too (default: they stay MiniLM's, frozen, and "
+                         "the checkpoint does not store them)")
     ap.add_argument("--joint_width", type=int, default=0,
                     help="> 0: a narrower joint encoder of this width (MiniLM's vocabulary, embeddings "
                          "projected from MiniLM's, stored in the checkpoint) instead of MiniLM's own 384")
@@ -779,10 +798,12 @@ def parse_args(argv):
                     help="> 0: add the MLM objective on the captions (read with their own image), this weight")
     ap.add_argument("--mlm_probability", type=float, default=0.5,
                     help="share of the maskable caption words masked for MLM (whole words; EDJE masks 50%%)")
-    ap.add_argument("--mlm_words", choices=[*MLM_RULES, "classes"], default="content",
+    ap.add_argument("--mlm_words", choices=[*MLM_RULES, "classes", "objects"], default="content",
                     help="which words MLM may mask: all, content (never a, the, of, ...), spatial "
                          "(left, right, above, below, top, bottom), or classes (the scenes' word classes: "
-                         "each caption masks all its colour, or shape, size or spatial words at once)")
+                         "each caption masks all its colour, or shape, size or spatial words at once), or "
+                         "objects (classes, plus one more choice: all colour, shape and size words at once, "
+                         "so that only the relation says which object is which)")
     ap.add_argument("--mlm_only_steps", type=int, default=0,
                     help="curriculum: this many MLM-only steps (captions read with their own image) before ITM")
     ap.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=False,
@@ -796,6 +817,10 @@ def parse_args(argv):
         ap.error("--joint_width must be a multiple of 32 (attention heads of width 32)")
     if not 0 < args.neighbour_share <= 1:
         ap.error("--neighbour_share must be in (0, 1]")
+    if args.text_layers and args.text_layers >= args.joint_layers:
+        ap.error(f"--text_layers {args.text_layers} leaves none of the --joint_layers {args.joint_layers} joint")
+    if args.train_text_layers and not args.text_layers:
+        ap.error("--train_text_layers needs --text_layers")
     if args.adapter_position_words and not args.adapter_output_positions:
         ap.error("--adapter_position_words needs --adapter_output_positions")
     if not 0 < args.mlm_probability <= 1:

@@ -98,3 +98,34 @@ def test_fixed_image_positions(models):
     assert JointEncoderConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="image_positions"):
         JointEncoderConfig(image_positions="sideways")
+
+
+@torch.no_grad()
+def test_text_only_lower_layers(models):
+    """text_layers=1: the lower layer is MiniLM on the text alone, the image joins above it; both
+    scorers agree, with and without text_index, and a pair's score depends on its own text and image only."""
+    base, _ = models
+    cfg = JointEncoderConfig(bert_overrides={"num_hidden_layers": 2}, text_layers=1)
+    joint = JointEncoder(cfg).eval()
+    joint.load_state_dict(base.state_dict())
+    fast = FastScorer.from_joint_encoder(joint)
+    ids, mask, tokens = batch(seed=7)
+    expected = joint(ids, mask, tokens)
+    assert expected.max() - expected.min() > 0.01
+    torch.testing.assert_close(fast(ids, mask, tokens), expected, atol=2e-5, rtol=0)
+    # the lower layer's states are plain MiniLM on the text
+    hf = joint.bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
+    keep = mask.bool()
+    torch.testing.assert_close(joint.encode_text(ids, mask)[keep], hf[keep], atol=2e-5, rtol=0)
+    # every text against every image through text_index: texts encoded once, the same logits
+    index = torch.arange(6).repeat_interleave(6)
+    grid = fast(ids, mask, tokens.repeat(6, 1, 1), text_index=index)
+    torch.testing.assert_close(grid.view(6, 6).diagonal(), expected, atol=2e-5, rtol=0)
+    torch.testing.assert_close(joint(ids, mask, tokens.repeat(6, 1, 1), text_index=index), grid, atol=2e-5, rtol=0)
+    assert (grid.view(6, 6).std(0) > 1e-3).all() and (grid.view(6, 6).std(1) > 1e-3).all()
+    t = int(mask[1].sum())
+    torch.testing.assert_close(fast(ids[1:2, :t], mask[1:2, :t], tokens[1:2]), expected[1:2], atol=2e-5, rtol=0)
+    assert "text_layers" not in JointEncoderConfig().to_dict()
+    assert JointEncoderConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="text_layers"):
+        JointEncoder(JointEncoderConfig(bert_overrides={"num_hidden_layers": 2}, text_layers=2))

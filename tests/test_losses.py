@@ -98,3 +98,20 @@ def test_mask_one_class_masks_every_word_of_one_class_per_row():
         picked.add(int(cls[0][chosen[0]][0]))
         assert torch.equal(chosen[1], cls[1] == 1) and not chosen[2].any()
     assert picked == {0, 1, 2}
+
+
+def test_mask_one_class_union_masks_every_object_word_as_one_more_choice():
+    from models.losses import mask_one_class
+    ids = torch.arange(10, 18).repeat(2, 1)
+    cls = torch.tensor([[-1, 0, 1, 3, 3, 0, 1, -1], [-1, 0, -1, 3, -1, 0, -1, -1]])
+    g = torch.Generator().manual_seed(0)
+    seen = {}
+    for _ in range(300):
+        masked, labels = mask_one_class(ids, cls, 103, g, union=(0, 1, 2))
+        chosen = masked == 103
+        assert torch.equal(labels[chosen], ids[chosen]) and (labels[~chosen] == -100).all()
+        key = tuple(sorted({int(c) for c in cls[0][chosen[0]]}))
+        seen[key] = seen.get(key, 0) + 1
+        # row 1 names one class of the union only: the union is not a choice there
+        assert {int(c) for c in cls[1][chosen[1]]} in ({0}, {3})
+    assert set(seen) == {(0,), (1,), (3,), (0, 1)} and min(seen.values()) > 50  # ~1/4 each

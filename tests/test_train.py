@@ -81,7 +81,35 @@ def test_narrow_joint_encoder_with_mlm_local_adapter_and_neighbour_batches_train
         assert torch.allclose(scorer(ids, mask, tokens), joint(ids, mask, tokens), atol=1e-4)
 
 
-@pytest.mark.parametrize("flags", [["--joint_width", "100"], ["--mlm_probability", "0"], ["--neighbour_share", "1.5"]])
+def test_text_only_lower_layers_stay_minilm_and_are_not_stored(scenes, tmp_path):
+    out = tmp_path / "run"
+    final = train.run(["--data", f"{scenes}/train/*.tar", "--output", str(out), *ARGS, "--joint_layers", "2",
+                       "--text_layers", "1", "--mlm_weight", "0.5", "--fusion", "--adapter_output_norm", "1.0"])
+    edje = json.loads((out / "edje" / "history.json").read_text())
+    assert len(edje) == 2 and all(np.isfinite(r["loss"]) for r in edje)
+    from safetensors import safe_open
+    with safe_open(str(final / "model.safetensors"), "pt") as f:
+        keys = {k for k in f.keys() if k.startswith("joint.")}
+    # the frozen text layer and embeddings load from the MiniLM package; the joint layer is stored
+    assert not any(k.startswith(("joint.bert.encoder.layer.0.", "joint.bert.embeddings.")) for k in keys)
+    assert any(k.startswith("joint.bert.encoder.layer.1.") for k in keys)
+    joint, tokenizer, cfg, _ = load_joint_encoder(final)
+    assert cfg.joint_encoder.text_layers == 1 and cfg.joint_encoder.fusion_weight > 0
+    from models.joint_encoder import JointEncoder
+    base = JointEncoder(cfg.joint_encoder)  # MiniLM's own weights
+    for (name, p), (_, q) in zip(joint.bert.encoder.layer[0].named_parameters(),
+                                 base.bert.encoder.layer[0].named_parameters()):
+        assert torch.equal(p, q), name
+    encoder, _, _ = load_vision_encoder(final)
+    tokens, _ = encoder(torch.rand(3, 3, 64, 64))
+    ids, mask = tokenizer(["a red circle left of a blue square", "a blue square", "a red circle"])
+    scorer, _, _, _ = load_scorer(final)
+    with torch.no_grad():
+        assert torch.allclose(scorer(ids, mask, tokens), joint(ids, mask, tokens), atol=1e-4)
+
+
+@pytest.mark.parametrize("flags", [["--joint_width", "100"], ["--mlm_probability", "0"], ["--neighbour_share", "1.5"],
+                                   ["--text_layers", "3"], ["--train_text_layers"]])
 def test_bad_training_flags_are_refused(flags, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--data", "x", "--output", "y", *flags])
