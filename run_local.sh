@@ -51,7 +51,8 @@ case "$mode" in
     echo "== evaluate: recall@k, first stage vs reranked ($DEMO/report)"
     "$PYBIN" -m pipeline.evaluate --queries "$DEMO/candidates.jsonl" --scores "$DEMO/scores.parquet" \
       --output "$DEMO/report" --images "$SHARDS" --strips 4
-    echo "Done. The embedded checkpoint is still random (README): both columns are at chance."
+    echo "Done: first stage (the stored embeddings' cosine) against reranked (the joint encoder over the"
+    echo "stored tokens, fused with that cosine) on $(wc -l < "$SCENES/queries.jsonl") held-out captions; report in $DEMO/report."
     ;;
   *)
     echo "usage: ./run_local.sh [test [pytest args...]]" >&2

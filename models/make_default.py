@@ -1,7 +1,7 @@
-"""Regenerates the embedded default checkpoint: a tiny, seeded, *randomly initialised* model.
-
-Its scores mean nothing; it exists so every job runs offline with no flags. Run:
-``python -m models.make_default --output models/default``.
+"""Writes a tiny, seeded, *randomly initialised* checkpoint: the embedded default until a trained
+one replaced it (``models/default`` now comes from ``scripts/train_demo_cpu.sh``). Its scores mean
+nothing; it is a fast stand-in where a test or benchmark needs a real checkpoint of this shape. Run:
+``python -m models.make_default --output DIR``.
 """
 import argparse
 
@@ -34,7 +34,7 @@ def build(seed: int = 0):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--output", default="models/default")
+    ap.add_argument("--output", required=True)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     cfg, backbone, adapter, joint = build(args.seed)

@@ -352,9 +352,11 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
         init_from_minilm(joint.bert)
     joint = joint.to(args.device)
     joint.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # MiniLM's, or their projection
-    if args.text_layers and not args.train_text_layers and not args.joint_width:
-        # MiniLM's own parse of the caption: no backward through it, and it loads from the package
-        for module in (joint.bert.embeddings, *joint.bert.encoder.layer[:args.text_layers]):
+    frozen_layers = args.text_layers if args.frozen_text_layers is None else args.frozen_text_layers
+    if frozen_layers and not args.joint_width:
+        # MiniLM's own first steps of parsing the caption: no backward through them, and they load
+        # from the package (not stored)
+        for module in (joint.bert.embeddings, *joint.bert.encoder.layer[:frozen_layers]):
             module.requires_grad_(False)
     tokenizer = Tokenizer(joint_cfg)
     if args.adapter_position_words:
@@ -423,7 +425,7 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
             out_of_time = time.time() - started >= args.max_minutes_edje * 60
-            if trainer.step % args.eval_every == 0 or trainer.step == args.max_steps or out_of_time:
+            if trainer.step % (args.eval_every_edje or args.eval_every) == 0 or trainer.step == args.max_steps or out_of_time:
                 rec = eval_edje(adapter, joint, patch, ids, mask, val_idx, data["groups"], args.device,
                                 data["variants"],
                                 None if fusion is None else (img_emb, txt_emb, fusion.weight.item()))
@@ -759,6 +761,7 @@ def parse_args(argv):
                     help="time budget of the clip stage; the learning rate reaches 0 at its end")
     ap.add_argument("--max_minutes_edje", type=float, default=5.0, help="likewise for the edje stage")
     ap.add_argument("--eval_every", type=int, default=200)
+    ap.add_argument("--eval_every_edje", type=int, default=0, help="> 0: the edje stage's own --eval_every")
     ap.add_argument("--patience", type=int, default=5, help="evaluations without improvement before stopping")
     ap.add_argument("--num_tokens", type=int, default=16, help="adapter output tokens m")
     ap.add_argument("--adapter_positions", action="store_true",
@@ -780,9 +783,9 @@ def parse_args(argv):
     ap.add_argument("--text_layers", type=int, default=0,
                     help="> 0: the first this many of the --joint_layers read the caption alone (computed "
                          "once per caption); the image tokens join the layers above them")
-    ap.add_argument("--train_text_layers", action="store_true",
-                    help="with --text_layers: train them too (default: they stay MiniLM's, frozen, and "
-                         "the checkpoint does not store them)")
+    ap.add_argument("--frozen_text_layers", type=int, default=None,
+                    help="with --text_layers: the lowest this many stay MiniLM's, frozen and not stored in "
+                         "the checkpoint (default: all of the text layers; 0 trains them all)")
     ap.add_argument("--joint_width", type=int, default=0,
                     help="> 0: a narrower joint encoder of this width (MiniLM's vocabulary, embeddings "
                          "projected from MiniLM's, stored in the checkpoint) instead of MiniLM's own 384")
@@ -819,8 +822,8 @@ def parse_args(argv):
         ap.error("--neighbour_share must be in (0, 1]")
     if args.text_layers and args.text_layers >= args.joint_layers:
         ap.error(f"--text_layers {args.text_layers} leaves none of the --joint_layers {args.joint_layers} joint")
-    if args.train_text_layers and not args.text_layers:
-        ap.error("--train_text_layers needs --text_layers")
+    if args.frozen_text_layers is not None and not 0 <= args.frozen_text_layers <= args.text_layers:
+        ap.error("--frozen_text_layers must be between 0 and --text_layers")
     if args.adapter_position_words and not args.adapter_output_positions:
         ap.error("--adapter_position_words needs --adapter_output_positions")
     if not 0 < args.mlm_probability <= 1:

@@ -264,27 +264,34 @@ def test_strip_of_an_image_missing_from_the_shards_is_a_placeholder(tmp_path):
 
 
 def recompute(candidates, scores, ks):
-    """An independent, plain recomputation of T2I and I2T recall from the two files."""
+    """An independent, plain recomputation of T2I and I2T recall from the two files. With fused
+    scores, "reranked" is the fused order and "joint_encoder" the logit's alone."""
     queries = [q for q in candidates if q.get("relevant")]
+    fused = any(r.get("fused_score") is not None for r in scores)
+    stages = {"reranked": "fused_score" if fused else "score", **({"joint_encoder": "score"} if fused else {})}
     by_query = {}
     for r in scores:
         by_query.setdefault(r["query_id"], []).append(r)
-    t2i = {"first_stage": [], "reranked": []}
+    t2i = {"first_stage": [], **{stage: [] for stage in stages}}
     for q in queries:
-        scored = [r["image_id"] for r in sorted(by_query.get(q["query_id"], []), key=lambda r: r["rank"])]
-        reranked = scored + [c for c in q["candidates"] if c not in scored]
         t2i["first_stage"].append([c in q["relevant"] for c in q["candidates"]])
-        t2i["reranked"].append([c in q["relevant"] for c in reranked])
-    i2t = {"first_stage": [], "reranked": []}
+        for stage, field in stages.items():
+            rows = by_query.get(q["query_id"], [])
+            scored = [r["image_id"] for r in (sorted(rows, key=lambda r: r["rank"]) if stage == "reranked"
+                                              else sorted(rows, key=lambda r: (-r[field], r["image_id"])))]
+            ranked = scored + [c for c in q["candidates"] if c not in scored]
+            t2i[stage].append([c in q["relevant"] for c in ranked])
+    i2t = {"first_stage": [], **{stage: [] for stage in stages}}
     images = sorted({i for q in queries for i in q["relevant"]})
-    logit = {(r["query_id"], r["image_id"]): r["score"] for r in scores}
     for image in images:
-        pairs = [(q["candidate_scores"][q["candidates"].index(image)], logit.get((q["query_id"], image)),
-                  q["query_id"], image in q["relevant"]) for q in queries if image in q["candidates"]]
-        first = sorted(pairs, key=lambda p: (-p[0], p[2]))
-        rr = sorted(pairs, key=lambda p: (0, -p[1], p[2]) if p[1] is not None else (1, -p[0], p[2]))
-        i2t["first_stage"].append([p[3] for p in first])
-        i2t["reranked"].append([p[3] for p in rr])
+        pairs = [(q["candidate_scores"][q["candidates"].index(image)], q["query_id"], image in q["relevant"])
+                 for q in queries if image in q["candidates"]]
+        i2t["first_stage"].append([p[2] for p in sorted(pairs, key=lambda p: (-p[0], p[1]))])
+        for stage, field in stages.items():
+            value = {(r["query_id"], r["image_id"]): r[field] for r in scores}
+            key = [(value.get((p[1], image)), p) for p in pairs]
+            rr = sorted(key, key=lambda v: (0, -v[0], v[1][1]) if v[0] is not None else (1, -v[1][0], v[1][1]))
+            i2t[stage].append([v[1][2] for v in rr])
     out = {}
     for mode, lists in (("t2i", t2i), ("i2t", i2t)):
         out[mode] = {stage: {f"R@{k}": round(100 * sum(any(h[:k]) for h in hits) / len(hits), 2) for k in ks}

@@ -110,7 +110,8 @@ def test_torch_weight_files_load_only_tensors(tmp_path, caplog):
 def test_embedded_default_checkpoint_loads_offline():
     encoder, cfg, fp = load_vision_encoder(None)
     assert resolve_dir(None) == DEFAULT_CHECKPOINT
-    assert "mean nothing" in cfg.description
+    # the trained demo checkpoint (scripts/train_demo_cpu.sh): text-only lower layers, fused with the first stage
+    assert "trained" in cfg.description and cfg.joint_encoder.text_layers == 4 and cfg.joint_encoder.fusion_weight > 0
     tokens, emb = encoder(torch.zeros(1, 3, 64, 64))
     assert tokens.shape == (1, cfg.adapter.num_tokens, cfg.adapter.output_dim) and len(fp) == 64
 
