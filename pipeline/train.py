@@ -352,8 +352,8 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
         init_from_minilm(joint.bert)
     joint = joint.to(args.device)
     joint.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # MiniLM's, or their projection
-    frozen_layers = args.text_layers if args.frozen_text_layers is None else args.frozen_text_layers
-    if frozen_layers and not args.joint_width:
+    frozen_layers = frozen_text_layers(args)
+    if frozen_layers:
         # MiniLM's own first steps of parsing the caption: no backward through them, and they load
         # from the package (not stored)
         for module in (joint.bert.embeddings, *joint.bert.encoder.layer[:frozen_layers]):
@@ -361,7 +361,7 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
     tokenizer = Tokenizer(joint_cfg)
     if args.adapter_position_words:
         init_position_words(adapter, tokenizer, joint.bert.embeddings.word_embeddings.weight)
-    if args.mlm_words in ("classes", "objects"):  # the scenes' word classes: each caption masks all words of one class
+    if args.mlm_words in CLASS_RULES:  # the scenes' word classes: each caption masks all words of one class
         ids, mask, words = scene_word_classes(tokenizer, data["captions"], args.device)
     else:
         ids, mask, words, _ = caption_words(tokenizer, data["captions"], args.mlm_words)
@@ -377,7 +377,7 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
     if args.mlm_weight or args.mlm_only_steps:
         mlm = Mlm(MaskedLMHead(joint.bert.embeddings.word_embeddings, joint.bert.config.layer_norm_eps).to(args.device),
                   tokenizer.tok.mask_token_id, args.mlm_weight, args.mlm_probability,
-                  args.mlm_words in ("classes", "objects"), OBJECT_CLASSES if args.mlm_words == "objects" else ())
+                  args.mlm_words in CLASS_RULES, OBJECT_CLASSES if args.mlm_words == "objects" else ())
         params.append({"params": mlm.head.parameters(), "lr": args.lr_adapter})
         base_lrs.append(args.lr_adapter)
         modules["mlm"] = mlm.head
@@ -425,7 +425,8 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
             out_of_time = time.time() - started >= args.max_minutes_edje * 60
-            if trainer.step % (args.eval_every_edje or args.eval_every) == 0 or trainer.step == args.max_steps or out_of_time:
+            every = args.eval_every_edje or args.eval_every
+            if trainer.step % every == 0 or trainer.step == args.max_steps or out_of_time:
                 rec = eval_edje(adapter, joint, patch, ids, mask, val_idx, data["groups"], args.device,
                                 data["variants"],
                                 None if fusion is None else (img_emb, txt_emb, fusion.weight.item()))
@@ -461,6 +462,13 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
                          dtype=torch.float16)
     log.info("wrote %s (fingerprint %s)", final, fp)
     return final
+
+
+def frozen_text_layers(args) -> int:
+    """How many of the lowest text-only layers stay MiniLM's (a narrow encoder has none of MiniLM's)."""
+    if args.joint_width:
+        return 0
+    return args.text_layers if args.frozen_text_layers is None else args.frozen_text_layers
 
 
 def joint_encoder_config(args) -> JointEncoderConfig:
@@ -537,6 +545,7 @@ WORD_CLASSES = {0: "colour", 1: "shape", 2: "size", 3: "spatial"}
 # every word naming an object, masked at once: only the relation words are left to say which
 # object is which, so filling them in needs the objects' places (``--mlm_words objects``)
 OBJECT_CLASSES = (0, 1, 2)
+CLASS_RULES = ("classes", "objects")  # --mlm_words rules that mask by the scenes' word classes
 
 
 def scene_word_classes(tokenizer, captions, device):
@@ -801,7 +810,7 @@ def parse_args(argv):
                     help="> 0: add the MLM objective on the captions (read with their own image), this weight")
     ap.add_argument("--mlm_probability", type=float, default=0.5,
                     help="share of the maskable caption words masked for MLM (whole words; EDJE masks 50%%)")
-    ap.add_argument("--mlm_words", choices=[*MLM_RULES, "classes", "objects"], default="content",
+    ap.add_argument("--mlm_words", choices=[*MLM_RULES, *CLASS_RULES], default="content",
                     help="which words MLM may mask: all, content (never a, the, of, ...), spatial "
                          "(left, right, above, below, top, bottom), or classes (the scenes' word classes: "
                          "each caption masks all its colour, or shape, size or spatial words at once), or "
@@ -824,6 +833,8 @@ def parse_args(argv):
         ap.error(f"--text_layers {args.text_layers} leaves none of the --joint_layers {args.joint_layers} joint")
     if args.frozen_text_layers is not None and not 0 <= args.frozen_text_layers <= args.text_layers:
         ap.error("--frozen_text_layers must be between 0 and --text_layers")
+    if args.frozen_text_layers and args.joint_width:
+        ap.error("--frozen_text_layers: a --joint_width encoder has no MiniLM layers to keep")
     if args.adapter_position_words and not args.adapter_output_positions:
         ap.error("--adapter_position_words needs --adapter_output_positions")
     if not 0 < args.mlm_probability <= 1:

@@ -109,7 +109,8 @@ def test_text_only_lower_layers_stay_minilm_and_are_not_stored(scenes, tmp_path)
 
 
 @pytest.mark.parametrize("flags", [["--joint_width", "100"], ["--mlm_probability", "0"], ["--neighbour_share", "1.5"],
-                                   ["--text_layers", "3"], ["--frozen_text_layers", "1"]])
+                                   ["--text_layers", "3"], ["--frozen_text_layers", "1"],
+                                   ["--joint_width", "64", "--text_layers", "1", "--frozen_text_layers", "1"]])
 def test_bad_training_flags_are_refused(flags, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--data", "x", "--output", "y", *flags])
