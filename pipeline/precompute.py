@@ -14,15 +14,16 @@ import threading
 import time
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline._cli import BeamJobCLI, add_flag, beam_counters, finish, job_main
+from pipeline._cli import BeamJobCLI, add_flag, beam_counters, finish, job_main, show_progress
 from models.checkpoint import embedding_dim, fingerprint, read_config
 from models.quantization import CLI_NAMES, UnknownSchemeError, scheme_for_cli
 from schemas import columns as C
 from schemas import index as idx
 from schemas import manifest as mf
 from schemas import shard_stats, storage
+from schemas.lease import DEFAULT_TTL, LeaseHeld, StoreLease
 from schemas.token_store import QUANT_SCHEME
 from transforms.encode_shard import NAMESPACE as ENCODE_NAMESPACE, EncodeConfig, EncodeShardFn
 from transforms.scan_keys import FindCrossShardDuplicates
@@ -35,7 +36,6 @@ from transforms.write_index import WriteIndex
 from transforms.write_manifest import WriteManifest
 
 log = logging.getLogger(__name__)
-LOCAL_RUNNERS = {None, "DirectRunner", "FnApiRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner"}
 
 
 class PrecomputeOptions(PipelineOptions):
@@ -81,6 +81,9 @@ class PrecomputeOptions(PipelineOptions):
                             help="number of id index files; 0 picks one per ~64 shards (power of two)")
         add_flag(parser, "--progress", default="auto", choices=["auto", "on", "off"],
                             help="tqdm progress bar (auto: on for local runners)")
+        add_flag(parser, "--lease_seconds", type=float, default=DEFAULT_TTL,
+                 help="the store's writer lease (STORE/lease.json) lapses this long after its last renewal "
+                      "(renewed every quarter of it): a second job is refused while it is live")
 
 
 CLI = BeamJobCLI("python -m pipeline.precompute", __doc__, PrecomputeOptions)
@@ -93,7 +96,7 @@ def check_store_compatible(store: str, fp: str, names, scheme: str = QUANT_SCHEM
     grows) but must list every shard already committed, so the manifest never leaves one behind.
     Stats records without a scheme were written before it could be chosen: int8.
     """
-    if storage.exists(mf.manifest_path(store)):
+    if storage.exists(mf.manifest_path(store)) or mf.versions(store):
         try:
             manifest = mf.read(store)
         except mf.ManifestError as e:
@@ -181,55 +184,62 @@ def run(argv=None, test_pipeline=None):
     if not plan.shards:
         raise SystemExit(f"error: no input shards match {opts.input!r}"
                          + (f" ({len(plan.missing)} listed paths do not exist)" if plan.missing else ""))
-    check_store_compatible(store, fp, {s.name for s in plan.shards}, scheme)
-    buckets = opts.index_buckets or idx.default_buckets(len(plan.shards))
-    model = {"fingerprint": fp, "backbone": cfg.backbone.describe(), "num_tokens": cfg.adapter.num_tokens,
-             "token_dim": cfg.adapter.output_dim, "embedding_dim": embedding_dim(cfg.backbone),
-             "checkpoint": cfg.description}
-    encode_cfg = EncodeConfig(
-        store=store, checkpoint=str(opts.checkpoint) if opts.checkpoint else None, fingerprint=fp,
-        num_tokens=model["num_tokens"], token_dim=model["token_dim"], embedding_dim=model["embedding_dim"],
-        batch_size=opts.batch_size, device=opts.device, precision=opts.precision,
-        torch_threads=opts.torch_threads, max_member_bytes=opts.max_member_bytes,
-        max_pixels=opts.max_image_pixels, max_failure_rate=opts.max_failure_rate,
-        failure_budget_min_samples=opts.failure_budget_min_samples, decode=opts.decode, quantization=scheme)
-    producer = {"quantization": scheme, "batch_size": opts.batch_size, "precision": opts.precision,
-                "torch_threads": opts.torch_threads, "device": opts.device, "decode": opts.decode}
-
-    # The launcher's plan checks the input, sizes the index and drives the progress bar; the
-    # pipeline plans again on a worker so a million shard paths never enter the job graph.
-    pattern = opts.input
-    pipeline = test_pipeline or beam.Pipeline(options=options)
-    specs = (pipeline
-             | "ListShards" >> beam.Create([None])
-             | "PlanShards" >> beam.FlatMap(lambda _: plan_shards(pattern).shards)
-             | "SpreadShards" >> beam.Reshuffle())
-    drops = specs | "FindDuplicates" >> FindCrossShardDuplicates(opts.max_member_bytes)
-    records = specs | "EncodeShards" >> beam.ParDo(EncodeShardFn(encode_cfg), beam.pvalue.AsMultiMap(drops))
-    index_files = records | "WriteIndex" >> WriteIndex(store, buckets)
-    _ = pipeline | "WriteManifest" >> WriteManifest(
-        records, index_files, store=store, buckets=buckets, model=model,
-        inputs=opts.input, missing=plan.missing, producer=producer, quantization=scheme)
-
-    runner = options.view_as(StandardOptions).runner
-    show = opts.progress == "on" or (opts.progress == "auto" and runner in LOCAL_RUNNERS)
-    progress = _Progress(store, [s.name for s in plan.shards]) if show else None
     try:
-        result = pipeline.run()
-        result.wait_until_finish()
+        lease = StoreLease(store, job=f"precompute --input {opts.input}", ttl=opts.lease_seconds).acquire()
+    except LeaseHeld as e:
+        raise SystemExit(f"error: {e}") from None
+    try:
+        check_store_compatible(store, fp, {s.name for s in plan.shards}, scheme)
+        buckets = opts.index_buckets or idx.default_buckets(len(plan.shards))
+        model = {"fingerprint": fp, "backbone": cfg.backbone.describe(), "num_tokens": cfg.adapter.num_tokens,
+                 "token_dim": cfg.adapter.output_dim, "embedding_dim": embedding_dim(cfg.backbone),
+                 "checkpoint": cfg.description}
+        encode_cfg = EncodeConfig(
+            store=store, checkpoint=str(opts.checkpoint) if opts.checkpoint else None, fingerprint=fp,
+            num_tokens=model["num_tokens"], token_dim=model["token_dim"], embedding_dim=model["embedding_dim"],
+            batch_size=opts.batch_size, device=opts.device, precision=opts.precision,
+            torch_threads=opts.torch_threads, max_member_bytes=opts.max_member_bytes,
+            max_pixels=opts.max_image_pixels, max_failure_rate=opts.max_failure_rate,
+            failure_budget_min_samples=opts.failure_budget_min_samples, decode=opts.decode, quantization=scheme)
+        producer = {"quantization": scheme, "batch_size": opts.batch_size, "precision": opts.precision,
+                    "torch_threads": opts.torch_threads, "device": opts.device, "decode": opts.decode}
+
+        # The launcher's plan checks the input, sizes the index and drives the progress bar; the
+        # pipeline plans again on a worker so a million shard paths never enter the job graph.
+        pattern = opts.input
+        pipeline = test_pipeline or beam.Pipeline(options=options)
+        specs = (pipeline
+                 | "ListShards" >> beam.Create([None])
+                 | "PlanShards" >> beam.FlatMap(lambda _: plan_shards(pattern).shards)
+                 | "SpreadShards" >> beam.Reshuffle())
+        drops = specs | "FindDuplicates" >> FindCrossShardDuplicates(opts.max_member_bytes)
+        records = specs | "EncodeShards" >> beam.ParDo(EncodeShardFn(encode_cfg), beam.pvalue.AsMultiMap(drops))
+        index_files = records | "WriteIndex" >> WriteIndex(store, buckets)
+        _ = pipeline | "WriteManifest" >> WriteManifest(
+            records, index_files, store=store, buckets=buckets, model=model,
+            inputs=opts.input, missing=plan.missing, producer=producer, quantization=scheme,
+            lease_owner=lease.owner)
+
+        show = show_progress(opts.progress, options)
+        progress = _Progress(store, [s.name for s in plan.shards]) if show else None
+        try:
+            result = pipeline.run()
+            result.wait_until_finish()
+        finally:
+            if progress:
+                progress.close()
+        manifest = mf.read(store)
+        summary = summarize(manifest, store, time.time() - started, plan)
+        summary["metrics"] = beam_counters(result, ENCODE_NAMESPACE)
+        over = [s for s in manifest["failed_shards"] if s.get("status") == shard_stats.STATUS_OVER_BUDGET]
+        if over:
+            worst = sorted(over, key=lambda s: -s["bad_samples"] / max(1, s["bad_samples"] + s["rows"]))[:5]
+            raise FailureBudgetExceeded(summary, f"error: {len(over)} shard(s) over the failure budget "
+                                                 f"(--max_failure_rate {opts.max_failure_rate}); nothing of them was "
+                                                 f"committed: " + "; ".join(f"{s['source']}: {s['reason']}" for s in worst))
+        return summary
     finally:
-        if progress:
-            progress.close()
-    manifest = mf.read(store)
-    summary = summarize(manifest, store, time.time() - started, plan)
-    summary["metrics"] = beam_counters(result, ENCODE_NAMESPACE)
-    over = [s for s in manifest["failed_shards"] if s.get("status") == shard_stats.STATUS_OVER_BUDGET]
-    if over:
-        worst = sorted(over, key=lambda s: -s["bad_samples"] / max(1, s["bad_samples"] + s["rows"]))[:5]
-        raise FailureBudgetExceeded(summary, f"error: {len(over)} shard(s) over the failure budget "
-                                             f"(--max_failure_rate {opts.max_failure_rate}); nothing of them was "
-                                             f"committed: " + "; ".join(f"{s['source']}: {s['reason']}" for s in worst))
-    return summary
+        lease.release()
 
 
 class FailureBudgetExceeded(SystemExit):

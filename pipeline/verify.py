@@ -5,9 +5,10 @@
 Checks the manifest against the contract, every listed file's size and sha256, Parquet page
 checksums, each shard's schema (column widths of the manifest's quantization scheme, and the
 scheme in the shard's metadata) and row count, ids unique across the store, the id index
-(every served id, pointing at the right row) and files under shards/ that the manifest does not
-list. Prints a JSON summary (ok, rows, unique_ids, failed, duplicates, problems naming the
-shard) and exits 1 on any problem.
+(every served id, pointing at the right row), files under shards/ that the manifest does not
+list, and manifest.json against the committed versions under manifests/. Prints a JSON summary
+(ok, rows, unique_ids, failed, duplicates, commit, problems naming the shard, notes such as a
+live writer's lease) and exits 1 on any problem. Object stores: Beam's --s3_* / GCS flags.
 """
 import argparse
 import json
@@ -15,10 +16,10 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline._cli import finish
+from pipeline._cli import add_filesystem_flags, apply_filesystem_flags, finish
 from schemas import columns as C
 from schemas import manifest as mf
-from schemas import storage
+from schemas import lease, storage
 from models.quantization import UnknownSchemeError
 from schemas.token_store import FAILURE_SCHEMA, INDEX_SCHEMA, QUANT_SCHEME, token_schema
 
@@ -46,12 +47,27 @@ def _check_file(store, entry, problems, what, check_hash):
     return path
 
 
+def _commit_state(store, manifest, problems, notes):
+    """manifest.json against the committed versions (manifests/), and the writer's lease."""
+    versions = mf.versions(store)
+    if not storage.exists(mf.manifest_path(store)):
+        problems.append({"shard": None, "problem": f"no {C.MANIFEST}: readers fall back to the newest version "
+                                                   f"in {C.MANIFESTS_DIR}/; rerun precompute to finish the commit"})
+    elif versions and versions[-1][0] > manifest.get("commit", 0):
+        notes.append(f"{C.MANIFESTS_DIR}/ holds commit {versions[-1][0]}, newer than {C.MANIFEST}'s "
+                     f"{manifest.get('commit')}: an interrupted commit, which the next precompute finishes")
+    held = lease.read_lease(store)
+    if held is not None and lease.breakable(held) is None:
+        notes.append(f"a job is writing this store: {lease.describe(held)}")
+
+
 def verify(store: str, check_hash: bool = True) -> dict:
-    problems = []
+    problems, notes = [], []
     try:
         manifest = mf.read(store)
     except mf.ManifestError as e:
         return {"ok": False, "store": store, "problems": [{"shard": None, "problem": str(e)}]}
+    _commit_state(store, manifest, problems, notes)
     model = manifest["model"]
     scheme = manifest["quantization"]["scheme"]
     try:
@@ -109,7 +125,8 @@ def verify(store: str, check_hash: bool = True) -> dict:
     return {"ok": not problems, "store": store, "rows": rows, "unique_ids": len(served),
             "failed": manifest["totals"]["failed"], "failure_records": failed_rows,
             "duplicates": manifest["totals"]["duplicates"], "shards": len(manifest["shards"]),
-            "failed_shards": len(manifest.get("failed_shards", [])), "problems": problems}
+            "failed_shards": len(manifest.get("failed_shards", [])), "commit": manifest.get("commit"),
+            "problems": problems, "notes": notes}
 
 
 def _check_index(store, manifest, served, problems, check_hash):
@@ -137,7 +154,9 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", required=True, help="token store directory or URL")
     ap.add_argument("--no_hash", action="store_true", help="skip sha256 (sizes and Parquet checks still run)")
+    fs_flags = add_filesystem_flags(ap)
     args = ap.parse_args(argv)
+    apply_filesystem_flags(args, fs_flags)
     report = verify(args.store.rstrip("/"), check_hash=not args.no_hash)
     print(json.dumps(report, indent=1))
     return 0 if report["ok"] else 1

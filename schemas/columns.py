@@ -19,6 +19,8 @@ ROW = "row"
 
 # Store layout (relative to the store root).
 MANIFEST = "manifest.json"
+MANIFESTS_DIR = "manifests"  # every committed version, manifests/NNNNNNNNNN.json
+LEASE = "lease.json"  # the writer's lease while a job writes the store
 SHARDS_DIR = "shards"
 FAILURES_DIR = "failures"
 INDEX_DIR = "index"

@@ -2,7 +2,10 @@
 
 Readers trust only the manifest: a shard that it does not list is not part of the store.
 """
+import json
+import logging
 import re
+from typing import List, Tuple
 
 from schemas import columns as C
 from schemas import storage
@@ -14,6 +17,9 @@ STATS_FORMAT = "edje-shard-stats"
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
+_VERSION = re.compile(r"^(\d{10})\.json$")
+KEEP_VERSIONS = 5
+log = logging.getLogger(__name__)
 
 
 class ManifestError(ValueError):
@@ -47,6 +53,8 @@ def _check_file_entry(entry, subdir, what):
 def validate(manifest) -> dict:
     """Checks a parsed manifest against the v1 contract; returns it or raises ManifestError."""
     _require(isinstance(manifest, dict), "manifest must be a JSON object")
+    if "commit" in manifest:  # absent in stores written before versioned commits
+        _check_int(manifest["commit"], "commit")
     _require(manifest.get("format") == FORMAT, f"format must be {FORMAT!r}, got {manifest.get('format')!r}")
     _require(manifest.get("version") == VERSION,
              f"unsupported store version {manifest.get('version')!r} (this code reads version {VERSION})")
@@ -97,10 +105,21 @@ def manifest_path(store: str) -> str:
     return storage.join(store, C.MANIFEST)
 
 
-def read(store: str) -> dict:
-    path = manifest_path(store)
-    if not storage.exists(path):
-        raise ManifestError(f"{store}: no {C.MANIFEST} (not a token store, or precompute has not finished)")
+def version_path(store: str, commit: int) -> str:
+    return storage.join(store, C.MANIFESTS_DIR, f"{commit:010d}.json")
+
+
+def versions(store: str) -> List[Tuple[int, str]]:
+    """The store's committed manifest versions, oldest first: [(commit number, path)]."""
+    found = []
+    for path in storage.list_dir(storage.join(store, C.MANIFESTS_DIR)):
+        m = _VERSION.match(storage.basename(path))
+        if m:
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def _read_valid(path: str) -> dict:
     try:
         manifest = storage.read_json(path, MAX_MANIFEST_BYTES)
     except ValueError as e:
@@ -111,5 +130,43 @@ def read(store: str) -> dict:
         raise ManifestError(f"{path}: {e}") from None
 
 
-def write(store: str, manifest: dict) -> None:
-    storage.write_json_atomic(manifest_path(store), validate(manifest))
+def read(store: str) -> dict:
+    """The committed manifest: ``manifest.json``, or, only while that is missing (a commit on a
+    filesystem that cannot replace a file in one step, interrupted), the newest complete version.
+    A manifest.json that exists but does not validate is refused, never papered over."""
+    path = manifest_path(store)
+    if storage.exists(path):
+        return _read_valid(path)
+    for commit, vpath in reversed(versions(store)):
+        try:
+            manifest = _read_valid(vpath)
+        except ManifestError as e:
+            log.warning("%s: skipping manifest version %d (%s)", store, commit, e)
+            continue
+        log.warning("%s: no %s; reading committed version %d (%s)", store, C.MANIFEST, commit, vpath)
+        return manifest
+    raise ManifestError(f"{store}: no {C.MANIFEST} (not a token store, or precompute has not finished)")
+
+
+def write(store: str, manifest: dict) -> int:
+    """Commits ``manifest``; returns its commit number. The protocol (README, "Token store"):
+
+    1. every file the manifest lists is already in place under its final name;
+    2. ``manifests/NNNNNNNNNN.json``, the next number, is written whole (temp name, then rename;
+       an object appears whole on GCS and S3) and never changed again;
+    3. ``manifest.json`` is replaced by the same bytes in one step (POSIX rename; an object
+       overwrite on GCS and S3), so a reader always finds a complete manifest once one committed;
+    4. versions older than the newest ``KEEP_VERSIONS`` are deleted.
+    A crash before 2 leaves the previous commit in force; between 2 and 3, too (its successor
+    finishes the job); during 4, only old versions remain, which the next commit removes.
+    One writer at a time is the lease's job (``schemas.lease``).
+    """
+    existing = versions(store)
+    commit = existing[-1][0] + 1 if existing else 1
+    manifest = validate(dict(manifest, commit=commit))
+    data = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("utf-8")
+    storage.write_bytes_atomic(version_path(store, commit), data)
+    storage.write_bytes_atomic(manifest_path(store), data)
+    stale = [p for _, p in existing[:max(0, len(existing) + 1 - KEEP_VERSIONS)]]
+    storage.delete_quietly(stale)
+    return commit

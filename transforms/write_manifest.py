@@ -1,5 +1,6 @@
-"""Beam step: the final commit. Waits for every shard and index bucket, writes ``manifest.json``
-atomically, then removes temporary debris and index files the new manifest does not list."""
+"""Beam step: the final commit. Waits for every shard and index bucket, checks that the job still
+holds the store's lease, commits the manifest (``schemas.manifest.write``: a new version, then
+``manifest.json``), then removes temporary debris and index files the new manifest does not list."""
 import datetime
 import logging
 
@@ -8,7 +9,7 @@ import apache_beam as beam
 from schemas import columns as C
 from schemas import index as idx
 from schemas import manifest as mf
-from schemas import shard_stats, storage
+from schemas import lease, shard_stats, storage
 from models.quantization import get_scheme
 from schemas.token_store import QUANT_SCHEME
 from transforms.write_index import write_bucket
@@ -55,7 +56,7 @@ def _file_entry(f):
 def clean_debris(store: str, manifest: dict) -> None:
     """Deletes temp files in every store directory, and index files the manifest does not list."""
     listed_index = {storage.join(store, f["path"]) for f in manifest["index"]["files"]}
-    for sub in (C.SHARDS_DIR, C.FAILURES_DIR, C.INDEX_DIR, C.STATS_DIR, ""):
+    for sub in (C.SHARDS_DIR, C.FAILURES_DIR, C.INDEX_DIR, C.STATS_DIR, C.MANIFESTS_DIR, ""):
         directory = storage.join(store, sub) if sub else store
         for path in storage.list_dir(directory):
             name = storage.basename(path)
@@ -64,12 +65,14 @@ def clean_debris(store: str, manifest: dict) -> None:
 
 
 def commit_store(_, records, index_files, *, store, buckets, model, inputs, missing, producer,
-                 quantization=QUANT_SCHEME):
+                 quantization=QUANT_SCHEME, lease_owner=None):
     written = {f["bucket"] for f in index_files}
     index_files = list(index_files) + [write_bucket(store, buckets, b, []) for b in range(buckets)
                                        if b not in written]
     manifest = build_manifest(records, index_files, buckets=buckets, model=model, inputs=inputs,
                               missing=missing, producer=producer, quantization=quantization)
+    if lease_owner is not None:
+        lease.check(store, lease_owner)
     mf.write(store, manifest)
     clean_debris(store, manifest)
     return manifest["totals"]
