@@ -30,7 +30,12 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "duckdb>=1.0", "polars>=1.0"],
+        # Object stores through Beam's FileSystems: s3:// needs boto3, gs:// the GCS client.
+        "s3": ["boto3>=1.26"],
+        "gcs": ["google-cloud-storage>=2.14"],
+        # The tests run real S3 (moto) and GCS (emulator) servers on loopback.
+        "test": ["pytest>=8.0", "duckdb>=1.0", "polars>=1.0", "boto3>=1.26", "google-cloud-storage>=2.14",
+                 "moto[server]>=5.0", "gcp-storage-emulator>=2024.8.3"],
         "dataflow": ["apache-beam[gcp]>=2.60"],
     },
 )

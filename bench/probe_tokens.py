@@ -40,11 +40,12 @@ def probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0) -> fl
 
 
 def scene_graphs(pattern: str):
-    from pipeline.train import local_shards
+    from pipeline.train import training_shards
+    from schemas import storage
     from transforms.tar_samples import iter_samples
     graphs = {}
-    for path in local_shards(pattern):
-        with open(path, "rb") as f:
+    for path in training_shards(pattern):
+        with storage.open_read(path) as f:
             for s in iter_samples(f):
                 graphs[s.key] = json.loads(s.members["json"])
     return graphs

@@ -5,6 +5,8 @@
     rr.rank("a red circle left of a blue square", ["000000001", "000000002"], top_k=10)
     # -> [{"image_id": ..., "score": ..., "rank": 1}, ...]  (like CrossEncoder.rank)
     rr.score([("a red circle", "000000001"), ...])   # -> numpy array of logits
+    Reranker("s3://bucket/store", filesystem_options={"s3_endpoint_url": "http://...",
+             "s3_access_key_id": ..., "s3_secret_access_key": ..., "s3_region_name": ...})
 
 Scores are the same as the Beam rerank job's for the same pairs (same model, same packing).
 A checkpoint with a learnt fusion weight w (``joint_encoder.fusion_weight``) ranks by
@@ -23,8 +25,8 @@ from schemas.reader import TokenStore
 
 class Reranker:
     def __init__(self, store, checkpoint=None, device: str = "cpu", batch_size: int = 64,
-                 torch_threads: Optional[int] = None):
-        self.store = store if isinstance(store, TokenStore) else TokenStore(store)
+                 torch_threads: Optional[int] = None, filesystem_options=None):
+        self.store = store if isinstance(store, TokenStore) else TokenStore(store, filesystem_options)
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.model, self.tokenizer, self.config, fingerprint = load_scorer(checkpoint, device)

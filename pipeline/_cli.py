@@ -1,4 +1,5 @@
 """Process exit for the jobs' command lines."""
+import argparse
 import logging
 import os
 import sys
@@ -15,6 +16,35 @@ def finish(code: int = 0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# Beam's filesystem options that a job without a pipeline takes too: all of S3's, and GCS's
+# project and impersonation (the GCS emulator is found through STORAGE_EMULATOR_HOST).
+GCS_FLAGS = ("--project", "--impersonate_service_account")
+
+
+def add_filesystem_flags(parser):
+    """Adds Beam's S3 and GCS filesystem flags to ``parser`` as one group; returns their dests."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, S3Options
+    group = parser.add_argument_group(
+        "object stores", "Beam's filesystem options, for s3:// and gs:// paths (the same flags as "
+                         "every Beam job's)")
+    before = {a.dest for a in parser._actions}
+    S3Options._add_argparse_args(group)
+    scratch = argparse.ArgumentParser(add_help=False)
+    GoogleCloudOptions._add_argparse_args(scratch)
+    for action in scratch._actions:
+        if set(action.option_strings) & set(GCS_FLAGS):
+            group.add_argument(*action.option_strings, dest=action.dest, default=action.default,
+                               help=action.help)
+    return sorted({a.dest for a in parser._actions} - before)
+
+
+def apply_filesystem_flags(args, dests) -> None:
+    """Hands the filesystem flags given on a non-Beam command line to Beam's FileSystems."""
+    from schemas import storage
+    given = {d: getattr(args, d) for d in dests if getattr(args, d) not in (None, False)}
+    storage.set_filesystem_options(given or None)
 
 
 def add_flag(parser, *names, **kwargs):
@@ -40,10 +70,10 @@ class BeamJobCLI:
         self.prog, self.doc, self.options_cls = prog, doc, options_cls
 
     def usage(self):
-        import argparse
         parser = argparse.ArgumentParser(prog=self.prog, description=self.doc, epilog=self.EPILOG,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         self.options_cls._add_argparse_args(parser)
+        add_filesystem_flags(parser)
         return parser
 
     def error(self, message: str):
@@ -56,12 +86,23 @@ class BeamJobCLI:
         if "-h" in argv or "--help" in argv:
             self.usage().print_help()
             return None
+        from schemas import storage
         options = PipelineOptions(argv)
+        storage.set_filesystem_options(options)  # before the launcher lists a single input
         opts = options.view_as(self.options_cls)
         missing = [f"--{name}" for name in required if not getattr(opts, name)]
         if missing:
             self.error(f"{', '.join(missing)} required")
         return options, opts
+
+
+LOCAL_RUNNERS = {None, "DirectRunner", "FnApiRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner"}
+
+
+def show_progress(flag: str, options) -> bool:
+    """--progress on|off|auto; auto shows the bar for runners whose workers share this machine."""
+    from apache_beam.options.pipeline_options import StandardOptions
+    return flag == "on" or (flag == "auto" and options.view_as(StandardOptions).runner in LOCAL_RUNNERS)
 
 
 def open_store_for(store: str, checkpoint):

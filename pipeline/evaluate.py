@@ -64,6 +64,7 @@ Stdout: the Markdown table and the report path.
 """
 import argparse
 import hashlib
+import io
 import json
 import logging
 import math
@@ -77,7 +78,7 @@ from typing import Dict, List, NamedTuple, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline._cli import finish
+from pipeline._cli import add_filesystem_flags, apply_filesystem_flags, finish
 from schemas import queries as Q
 from schemas import storage
 
@@ -439,7 +440,8 @@ def markdown_report(report: dict) -> str:
         "- Recalls are percentages. Curves: `recall_at_k.png`.", ""])
 
 
-def plot_curves(curves: dict, counts: dict, path: str) -> None:
+def plot_curves(curves: dict, counts: dict) -> bytes:
+    """The recall@k curves as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -462,17 +464,22 @@ def plot_curves(curves: dict, counts: dict, path: str) -> None:
         ax.legend(loc="lower right")
     fig.suptitle("Recall@k: first stage vs reranked")
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _make_dir(path: str) -> None:
+    if "://" not in path:  # object stores have no directories
+        os.makedirs(path, exist_ok=True)
 
 
 def write_report(out_dir: str, report: dict, curves: dict) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
-        f.write("\n")
-    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
-        f.write(markdown_report(report))
-    plot_curves(curves, report["counts"], os.path.join(out_dir, "recall_at_k.png"))
+    _make_dir(out_dir)
+    storage.write_bytes_atomic(storage.join(out_dir, "report.json"),
+                               (json.dumps(report, indent=1) + "\n").encode("utf-8"))
+    storage.write_bytes_atomic(storage.join(out_dir, "report.md"), markdown_report(report).encode("utf-8"))
+    storage.write_bytes_atomic(storage.join(out_dir, "recall_at_k.png"), plot_curves(curves, report["counts"]))
 
 
 # ---------------------------------------------------------------- strips
@@ -540,7 +547,8 @@ def _text(draw, xy, text, font, fill=(0, 0, 0)):
         draw.text(xy, text.encode("latin-1", "replace").decode("latin-1"), font=font, fill=fill)
 
 
-def render_strip(query: Query, first: List[str], reranked: List[str], images: dict, path: str) -> None:
+def render_strip(query: Query, first: List[str], reranked: List[str], images: dict) -> bytes:
+    """One query's strip (first stage above, reranked below) as a PNG."""
     from PIL import Image, ImageDraw
 
     title_font, small = _font(15), _font(11)
@@ -567,24 +575,23 @@ def render_strip(query: Query, first: List[str], reranked: List[str], images: di
             else:
                 canvas.paste(image, (x + (THUMB - image.width) // 2, y + (THUMB - image.height) // 2))
             _text(draw, (x, y + THUMB + 2), f"#{i + 1} {image_id}"[:22], small)
-    canvas.save(path, format="PNG")
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def write_strips(out_dir: str, queries: Dict[str, Query], t2i: dict, pattern: str, count: int) -> List[str]:
-    strip_dir = os.path.join(out_dir, "strips")
-    os.makedirs(strip_dir, exist_ok=True)
+    strip_dir = storage.join(out_dir, "strips")
+    _make_dir(strip_dir)
     chosen = sorted(t2i)[:count]
     wanted = {i for qid in chosen for ranking in t2i[qid] for i in ranking[:STRIP_TOP]}
     images = load_images(pattern, wanted)
     written = []
     for qid in chosen:
-        path = os.path.join(strip_dir, strip_file_name(qid))
-        render_strip(queries[qid], t2i[qid][0], t2i[qid][1], images, path)
+        path = storage.join(strip_dir, strip_file_name(qid))
+        storage.write_bytes_atomic(path, render_strip(queries[qid], t2i[qid][0], t2i[qid][1], images))
         written.append(path)
-    for name in os.listdir(strip_dir):
-        stale = os.path.join(strip_dir, name)
-        if name.endswith(".png") and stale not in written:
-            os.remove(stale)
+    storage.delete_quietly([p for p in storage.list_dir(strip_dir) if p.endswith(".png") and p not in written])
     return written
 
 
@@ -607,11 +614,13 @@ def parser():
     ap.add_argument("--queries", required=True, help="query file(s) with candidates and relevant: JSONL or "
                     "Parquet, globs and comma-separated patterns (retrieve's output works as is)")
     ap.add_argument("--scores", required=True, help="rerank's scores file: Parquet, or JSONL (.jsonl/.json)")
-    ap.add_argument("--output", required=True, help="report directory (local; created if needed)")
+    ap.add_argument("--output", required=True, help="report directory: local (created if needed) or a gs://, "
+                    "s3:// URL")
     ap.add_argument("--images", default=None, help="WebDataset shards holding the candidate images "
                     "(braces, globs, commas): draws strips/<query_id>.png")
     ap.add_argument("--strips", type=int, default=6, help="number of queries (by query_id) to draw with --images")
     ap.add_argument("--ks", type=_ks, default=list(DEFAULT_KS), help="k values of the report, e.g. 1,5,10")
+    ap.fs_flags = add_filesystem_flags(ap)
     return ap
 
 
@@ -620,6 +629,8 @@ def run(argv=None) -> dict:
     Raises EvaluateError on input it cannot evaluate."""
     ap = parser()
     args = ap.parse_args(argv)
+    apply_filesystem_flags(args, ap.fs_flags)
+    args.output = args.output.rstrip("/")
     if args.strips < 0:
         ap.error("--strips must be >= 0")
     if args.images:
@@ -644,7 +655,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(result["table"])
-    print(f"report: {os.path.join(result['output'], 'report.json')}")
+    print(f"report: {storage.join(result['output'], 'report.json')}")
     return 0
 
 

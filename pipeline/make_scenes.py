@@ -62,6 +62,9 @@ from typing import List, Optional, Tuple
 
 from PIL import Image, ImageDraw
 
+from pipeline._cli import add_filesystem_flags, apply_filesystem_flags
+from schemas import storage
+
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 COLORS = {"red": (230, 25, 25), "green": (30, 190, 50), "blue": (40, 80, 255), "yellow": (250, 225, 30),
           "purple": (150, 50, 210), "orange": (255, 135, 0), "white": (245, 245, 245), "cyan": (0, 215, 225)}
@@ -282,14 +285,15 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shard(path: str, samples) -> None:
-    """One tar, members in the given sample order, each sample's members sorted by extension."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    """One tar, members in the given sample order, each sample's members sorted by extension
+    (built in memory, a few MB, then written whole: a local path or an object-store URL)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, png, text, graph in samples:
             _add(tar, f"{key}.json", json.dumps(graph).encode())
             _add(tar, f"{key}.png", png)
             _add(tar, f"{key}.txt", text.encode())
-    os.replace(tmp, path)
+    storage.write_bytes_atomic(path, buf.getvalue())
 
 
 def main(argv=None) -> dict:
@@ -300,21 +304,27 @@ def main(argv=None) -> dict:
     ap.add_argument("--n", type=int, required=True, help="number of samples, rounded up to a multiple of 4")
     ap.add_argument("--seed", type=int, required=True,
                     help="scene stream seed (different seeds, different scenes)")
-    ap.add_argument("--output", required=True, help="directory for NNNNN.tar shards and queries.jsonl")
+    ap.add_argument("--output", required=True, help="directory for NNNNN.tar shards and queries.jsonl "
+                    "(local, or a gs://, s3:// URL)")
     ap.add_argument("--per_shard", type=int, default=1000,
                     help="samples per shard, rounded down to a multiple of 4 (at least 4)")
     ap.add_argument("--image_size", type=int, default=64, help="side of the square RGB images, pixels")
     ap.add_argument("--objects", type=int, default=2, choices=[2, 3], help="objects per scene")
+    fs_flags = add_filesystem_flags(ap)
     args = ap.parse_args(argv)
+    apply_filesystem_flags(args, fs_flags)
     if args.n < 1 or args.image_size < 16:
         ap.error("--n must be >= 1 and --image_size >= 16")
 
     groups = (args.n + 3) // 4
     per_shard = max(4, args.per_shard - args.per_shard % 4)
     shards = (groups * 4 + per_shard - 1) // per_shard
-    os.makedirs(args.output, exist_ok=True)
+    output = args.output.rstrip("/")
+    if "://" not in output:
+        os.makedirs(output, exist_ok=True)
     names = {f"{s:05d}.tar" for s in range(shards)}
-    stale = sorted(f for f in os.listdir(args.output) if re.fullmatch(r"\d{5}\.tar", f) and f not in names)
+    stale = sorted(f for f in map(storage.basename, storage.list_dir(output))
+                   if re.fullmatch(r"\d{5}\.tar", f) and f not in names)
     if stale:
         raise SystemExit(f"error: {args.output} already holds other shards ({', '.join(stale[:3])}, ...); "
                          f"use an empty --output")
@@ -323,7 +333,7 @@ def main(argv=None) -> dict:
     queries = []
     for s in range(shards):
         batch = [next(samples) for _ in range(min(per_shard, groups * 4 - s * per_shard))]
-        write_shard(os.path.join(args.output, f"{s:05d}.tar"), batch)
+        write_shard(storage.join(output, f"{s:05d}.tar"), batch)
         queries += [{"query_id": key, "text": text, "relevant": [key], "group": graph["group"],
                      "variant": graph["variant"],
                      "signature": scene_signature(graph["objects"], graph["relation"], with_size),
@@ -339,8 +349,8 @@ def main(argv=None) -> dict:
     for q in queries:
         q["relevant"] = sorted(answers[q["signature"]])
         del q["signature"], q["shows"]
-    with open(os.path.join(args.output, "queries.jsonl"), "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(q) + "\n" for q in queries)
+    storage.write_bytes_atomic(storage.join(output, "queries.jsonl"),
+                               "".join(json.dumps(q) + "\n" for q in queries).encode("utf-8"))
     summary = {"split": args.split, "samples": groups * 4, "groups": groups, "shards": shards,
                "output": args.output}
     print(json.dumps(summary))

@@ -17,11 +17,12 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline._cli import BeamJobCLI, add_flag, finish, job_main, open_store_for
+from pipeline._cli import BeamJobCLI, add_flag, finish, job_main, open_store_for, show_progress
 from schemas.scores import scores_schema
 from transforms.joint_handler import JointScorerHandler
 from transforms.rank_scores import FUSIONS, RankScores, resolve_fusion
-from transforms.read_queries import ReadQueries
+from transforms.progress import ProgressBar
+from transforms.read_queries import ReadQueries, count_candidates
 from transforms.route_requests import RouteRequests
 from transforms.score_pairs import ScorePairs
 from transforms.write_output import WriteRows, failures_path_for, output_format, remove_stale
@@ -53,6 +54,8 @@ class RerankOptions(PipelineOptions):
         add_flag(parser, "--batch_size", type=int, default=64, help="pairs per joint-encoder forward")
         add_flag(parser, "--device", default="cpu", help="cpu, cuda or cuda:N")
         add_flag(parser, "--torch_threads", type=int, default=1, help="torch intra-op threads per worker")
+        add_flag(parser, "--progress", default="auto", choices=["auto", "on", "off"],
+                 help="tqdm progress bar over the pairs scored, with ETA (auto: on for local runners)")
 
 
 CLI = BeamJobCLI("python -m pipeline.rerank", __doc__, RerankOptions)
@@ -78,16 +81,22 @@ def run(argv=None, test_pipeline=None):
     handler = JointScorerHandler(str(opts.checkpoint) if opts.checkpoint else None, opts.device,
                                  opts.torch_threads, opts.batch_size)
 
+    progress = (ProgressBar(count_candidates(opts.queries), "pair", "rerank")
+                if show_progress(opts.progress, options) else None)
     pipeline = test_pipeline or beam.Pipeline(options=options)
     read = pipeline | "ReadQueries" >> ReadQueries(opts.queries, require_candidates=True)
     routed = read["queries"] | "RouteRequests" >> RouteRequests(store.path, store.buckets)
     rows = (routed["routed"]
-            | "ScorePairs" >> ScorePairs(store.path, handler)
+            | "ScorePairs" >> ScorePairs(store.path, handler, progress and progress.tally())
             | "RankScores" >> RankScores(fusion, fusion_weight, opts.top_k))
     _ = rows | "WriteScores" >> WriteRows(opts.output, fmt, scores_schema(fusion != "none"))
     _ = (read["failures"], routed["failures"]) | "WriteFailures" >> WriteRows(failures_path, "jsonl")
-    result = pipeline.run()
-    result.wait_until_finish()
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    finally:
+        if progress:
+            progress.close()
     return summarize(opts.output, fmt, failures_path, time.time() - started)
 
 

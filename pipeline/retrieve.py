@@ -20,9 +20,10 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline._cli import BeamJobCLI, add_flag, beam_counters, finish, job_main, open_store_for
+from pipeline._cli import BeamJobCLI, add_flag, beam_counters, finish, job_main, open_store_for, show_progress
 from schemas import queries as Q
 from schemas import storage
+from transforms.progress import ProgressBar
 from transforms.read_queries import ReadQueries, plan_query_files
 from transforms.text_handler import TextModelHandler
 from transforms.topk_search import DEFAULT_BLOCK_ROWS, DEFAULT_QUERY_BLOCK, NAMESPACE, SearchTopK
@@ -54,6 +55,8 @@ class RetrieveOptions(PipelineOptions):
                       "machine (parallelism comes from Beam workers)")
         add_flag(parser, "--block_rows", type=int, default=DEFAULT_BLOCK_ROWS,
                  help="store rows read and scored at a time")
+        add_flag(parser, "--progress", default="auto", choices=["auto", "on", "off"],
+                 help="tqdm progress bar over the store rows searched, with ETA (auto: on for local runners)")
         add_flag(parser, "--query_block", type=int, default=DEFAULT_QUERY_BLOCK,
                  help="queries per score block; a worker holds one query_block x block_rows float32 "
                       "score block")
@@ -107,12 +110,14 @@ def run(argv=None, test_pipeline=None):
     handler = KeyedModelHandler(TextModelHandler(
         str(opts.checkpoint) if opts.checkpoint else None, device=opts.device,
         torch_threads=opts.torch_threads, batch_size=opts.batch_size))
+    progress = ProgressBar(len(opened), "row", "retrieve") if show_progress(opts.progress, options) else None
     pipeline = test_pipeline or beam.Pipeline(options=options)
     read = pipeline | "ReadQueries" >> ReadQueries(opts.queries, require_candidates=False)
     hits = (read["queries"]
             | "QueryTexts" >> beam.Map(lambda q: (q[Q.QUERY_ID], q[Q.TEXT]))
             | "EncodeQueries" >> RunInference(handler)
-            | "SearchTopK" >> SearchTopK(store, opts.top_k, opts.block_rows, opts.query_block))
+            | "SearchTopK" >> SearchTopK(store, opts.top_k, opts.block_rows, opts.query_block,
+                                         progress and progress.tally()))
     _ = ({"query": read["queries"] | "KeyQueries" >> beam.Map(lambda q: (q[Q.QUERY_ID], q)), "hits": hits}
          | "JoinHits" >> beam.CoGroupByKey()
          | "AttachCandidates" >> beam.Map(attach_candidates)
@@ -122,8 +127,12 @@ def run(argv=None, test_pipeline=None):
          | "CountFailures" >> beam.ParDo(_Count("failures"))
          | "WriteFailures" >> WriteRows(failures_path, "jsonl"))
 
-    result = pipeline.run()
-    result.wait_until_finish()
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    finally:
+        if progress:
+            progress.close()
     counts = beam_counters(result, NAMESPACE) or {"queries": _count_lines(opts.output), "failures": _count_lines(failures_path)}
     return {"queries": counts.get("queries", 0), "failures": counts.get("failures", 0),
             "output": opts.output, "failures_file": failures_path, "store": store,

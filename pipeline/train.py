@@ -22,16 +22,16 @@ Writes ``OUTPUT/checkpoint`` (config.json + model.safetensors); seeded; resumabl
 import argparse
 import copy
 import dataclasses
-import glob
 import hashlib
+import io
 import json
 import logging
 import math
 import os
+import posixpath
 import time
 from pathlib import Path
 
-import braceexpand
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -45,8 +45,10 @@ from models.joint_encoder import (MINILM_PACKAGE, JointEncoder, JointEncoderConf
 from models.losses import MaskedLMHead, clip_loss, hardest_negatives, listwise_itm_loss, random_negatives
 from models.mlm import RULES as MLM_RULES
 from models.mlm import Mlm, caption_words, grounding_report
-from pipeline._cli import finish
+from pipeline._cli import add_filesystem_flags, apply_filesystem_flags, finish
+from schemas import storage
 from transforms.image_decode import decode_image
+from transforms.shard_files import plan_shards
 from transforms.tar_samples import iter_samples
 
 log = logging.getLogger("train")
@@ -65,17 +67,17 @@ def clip_backbone_config(args) -> BackboneConfig:
     return BackboneConfig(model_config=model)
 
 
-def local_shards(pattern: str):
-    """Training reads local files: braces and globs, sorted."""
-    return sorted({p for part in braceexpand.braceexpand(pattern) for p in glob.glob(part)})
+def training_shards(pattern: str):
+    """The shards a --data pattern names (braces, globs, commas; local or object-store), sorted."""
+    return sorted({spec.source for spec in plan_shards(pattern).shards})
 
 
 def load_scenes(pattern: str, transform, limit: int = 0):
     """Scene shards -> dict(keys, captions, groups, images (N, 3, H, W) float32, relevant)."""
     keys, captions, groups, images, variants = [], [], [], [], []
-    paths = local_shards(pattern)
+    paths = training_shards(pattern)
     for path in paths:
-        with open(path, "rb") as f:
+        with storage.open_read(path) as f:
             for s in iter_samples(f):
                 ext = s.image_extension()
                 if ext is None or "txt" not in s.members:
@@ -95,10 +97,10 @@ def load_scenes(pattern: str, transform, limit: int = 0):
     # Relevant sets from the split's queries.jsonl (a scene drawn twice answers both captions).
     position = {k: i for i, k in enumerate(keys)}
     relevant = [[i] for i in range(len(keys))]
-    queries = os.path.join(os.path.dirname(paths[0]), "queries.jsonl")
-    if os.path.exists(queries):
-        with open(queries) as f:
-            for line in f:
+    queries = storage.join(posixpath.dirname(paths[0]), "queries.jsonl")
+    if storage.exists(queries):
+        with storage.open_read(queries) as f:
+            for line in io.TextIOWrapper(f, encoding="utf-8"):
                 q = json.loads(line)
                 if q["query_id"] in position:
                     relevant[position[q["query_id"]]] = [position[r] for r in q.get("relevant", []) if r in position]
@@ -735,7 +737,8 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=["clip", "edje", "all"], default="all")
-    ap.add_argument("--data", required=True, help="training scene shards (pipeline.make_scenes --split train)")
+    ap.add_argument("--data", required=True, help="training scene shards (pipeline.make_scenes --split train): "
+                    "braces, globs, commas; local paths or gs://, s3:// URLs")
     ap.add_argument("--output", required=True, help="run directory; the checkpoint lands in OUTPUT/checkpoint")
     ap.add_argument("--backbone", default=None,
                     help="with --stage edje: a checkpoint directory whose backbone is the frozen backbone "
@@ -824,7 +827,9 @@ def parse_args(argv):
     ap.add_argument("--random_only_steps", type=int, default=300, help="curriculum: random negatives first")
     ap.add_argument("--description", default="EDJE demo checkpoint trained on the compositional scenes benchmark")
     ap.add_argument("--test_data", default=None, help="scene shards of a test split: report the rerank gain at the end")
+    fs_flags = add_filesystem_flags(ap)
     args = ap.parse_args(argv)
+    apply_filesystem_flags(args, fs_flags)
     if args.joint_width < 0 or args.joint_width % 32:
         ap.error("--joint_width must be a multiple of 32 (attention heads of width 32)")
     if not 0 < args.neighbour_share <= 1:

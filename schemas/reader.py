@@ -26,9 +26,15 @@ def open_parquet(path: str) -> pq.ParquetFile:
 
 
 class TokenStore:
-    """A store opened through its manifest (a store whose manifest does not validate is refused)."""
+    """A store opened through its manifest (a store whose manifest does not validate is refused).
 
-    def __init__(self, path: str):
+    ``filesystem_options``: Beam's object-store options for this process (see
+    ``storage.set_filesystem_options``), e.g. ``{"s3_endpoint_url": ..., "s3_access_key_id": ...}``;
+    None keeps those already set.
+    """
+
+    def __init__(self, path: str, filesystem_options=None):
+        storage.set_filesystem_options(filesystem_options)
         self.path = str(path).rstrip("/")
         try:
             self.manifest = mf.read(self.path)

@@ -6,13 +6,34 @@ import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from schemas.token_store import PARQUET_WRITE_OPTIONS
 
 TMP_PREFIX = ".tmp-"
 _CHUNK = 8 << 20
+
+
+def set_filesystem_options(options) -> None:
+    """Gives Beam's FileSystems the object-store options (S3 endpoint and keys, GCS project...).
+
+    ``options``: PipelineOptions, a dict of Beam option names (``{"s3_endpoint_url": ...}``) or
+    None (keeps options already set, else sets empty ones: Beam's S3 filesystem refuses to run
+    with none, and boto3 then takes its usual environment). Process-wide, as Beam's own Pipeline
+    sets them; jobs call this before they list a single file, Beam workers get the pipeline's
+    options from Beam itself.
+    """
+    if options is None:
+        if getattr(FileSystems, "_pipeline_options", None) is None:
+            FileSystems.set_options(PipelineOptions([]))
+        return
+    if isinstance(options, dict):
+        options = PipelineOptions(**options)
+    if not isinstance(options, PipelineOptions):
+        raise TypeError(f"filesystem_options must be PipelineOptions or a dict, got {type(options).__name__}")
+    FileSystems.set_options(options)
 
 
 def join(*parts: str) -> str:
@@ -55,17 +76,34 @@ def temp_path_for(final_path: str) -> str:
 
 
 def commit(temp_path: str, final_path: str) -> None:
-    """Renames ``temp_path`` over ``final_path`` (atomic on POSIX; objects appear whole on GCS/S3)."""
-    if FileSystems.exists(final_path):
+    """Puts the complete ``temp_path`` in place as ``final_path``, replacing it in one step.
+
+    POSIX rename replaces atomically; on GCS and S3 Beam's rename is a copy (which overwrites an
+    object whole) plus a delete of the temp. Only a filesystem that refuses to rename over an
+    existing file (HDFS) gets delete-then-rename; the manifest's versions cover that gap.
+    """
+    try:
+        FileSystems.rename([temp_path], [final_path])
+    except BeamIOError:
+        if not (FileSystems.exists(final_path) and FileSystems.exists(temp_path)):
+            raise
         FileSystems.delete([final_path])
-    FileSystems.rename([temp_path], [final_path])
+        FileSystems.rename([temp_path], [final_path])
+
+
+def create(path: str) -> "_HashingWriter":
+    """A write channel for ``path`` (hashing and counting what passes; empty files work on S3 too)."""
+    return _HashingWriter(FileSystems.create(path, mime_type="application/octet-stream",
+                                             compression_type=CompressionTypes.UNCOMPRESSED))
 
 
 def write_bytes_atomic(final_path: str, data: bytes) -> None:
     tmp = temp_path_for(final_path)
-    with FileSystems.create(tmp, mime_type="application/octet-stream",
-                            compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    f = create(tmp)
+    try:
         f.write(data)
+    finally:
+        f.close()
     commit(tmp, final_path)
 
 
@@ -109,6 +147,14 @@ def delete_quietly(paths) -> None:
             pass
 
 
+def _add_empty_s3_part(raw) -> None:
+    """Beam's S3 writer ends an empty file with a multipart upload of no parts, which S3 refuses
+    (MalformedXML); one empty part makes it an empty object. Other filesystems: nothing to do."""
+    uploader = getattr(getattr(raw, "raw", None), "_uploader", None)
+    if uploader is not None and hasattr(uploader, "_write_to_s3") and not getattr(uploader, "parts", True):
+        uploader._write_to_s3(b"")
+
+
 class _HashingWriter:
     """File-like wrapper: hashes and counts bytes as they are written (no second read)."""
 
@@ -129,6 +175,8 @@ class _HashingWriter:
 
     def close(self):
         if not self.closed:
+            if self.size == 0:
+                _add_empty_s3_part(self.raw)
             self.raw.close()
             self.closed = True
 
@@ -145,9 +193,7 @@ def write_parquet_atomic(final_path, schema, batches, row_group_size, commit_if=
     ``commit_if``: called once the file is complete; if it returns False the temp file is
     deleted instead of renamed (and None is returned)."""
     tmp = temp_path_for(final_path)
-    raw = FileSystems.create(tmp, mime_type="application/octet-stream",
-                             compression_type=CompressionTypes.UNCOMPRESSED)
-    sink = _HashingWriter(raw)
+    sink = create(tmp)
     try:
         with pq.ParquetWriter(pa.PythonFile(sink, mode="w"), schema, **PARQUET_WRITE_OPTIONS) as writer:
             for batch in batches:

@@ -75,3 +75,36 @@ def demo_store_int4(demo_dir, tmp_path_factory):
     store = tmp_path_factory.mktemp("demo_store_int4") / "store"
     summary = run_precompute(f"{demo_dir}/{{00000..00002}}.tar", store, "--quantization", "int4")
     return store, summary
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on loopback, one process for the session."""
+    from tests.object_stores import start_s3
+    server = start_s3()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """The GCS emulator on loopback, one process for the session."""
+    from tests.object_stores import start_gcs
+    server = start_gcs()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server):
+    """A fresh bucket on the S3 server."""
+    from tests.object_stores import S3Store
+    return S3Store(s3_server.port)
+
+
+@pytest.fixture
+def gcs(gcs_server, monkeypatch):
+    """A fresh bucket on the GCS emulator (STORAGE_EMULATOR_HOST set for this test)."""
+    from tests.object_stores import GcsStore
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{gcs_server.port}")
+    return GcsStore(gcs_server.port)

@@ -29,6 +29,16 @@ def test_verify_passes_a_clean_store(store_copy):
     report = json.loads(r.stdout)
     assert r.returncode == 0 and report["ok"] is True
     assert report["rows"] == report["unique_ids"] == 24 and report["duplicates"] == 0
+    assert report["commit"] == 1 and report["notes"] == []
+    assert r.stderr == ""  # no Beam notice about apitools/BigQuery, nor anything else
+
+
+def test_every_job_documents_the_object_store_flags():
+    for name in ("precompute", "verify", "retrieve", "rerank", "evaluate", "make_scenes", "train"):
+        r = job(f"pipeline.{name}", "--help")
+        assert r.returncode == 0, r.stderr
+        assert "--s3_endpoint_url" in r.stdout and "--project" in r.stdout, name
+        assert "apitools" not in r.stdout + r.stderr, name
 
 
 def test_verify_names_the_shard_with_a_flipped_byte(store_copy):

@@ -29,6 +29,25 @@ def plan_query_files(pattern: str):
     return sorted(set(files))
 
 
+def count_candidates(pattern: str) -> int:
+    """Candidates listed by the query files (malformed lines count none): the progress bar's total."""
+    import json
+    total = 0
+    for path in plan_query_files(pattern):
+        with storage.open_read(path) as f:
+            if path.lower().endswith(".parquet"):
+                column = pq.read_table(pa.PythonFile(f, mode="r"), columns=[Q.CANDIDATES]).column(0)
+                total += sum(len(c or ()) for c in column.to_pylist())
+                continue
+            for line in _lines(f):
+                try:
+                    candidates = json.loads(line).get(Q.CANDIDATES) or ()
+                except (ValueError, AttributeError):
+                    continue
+                total += len(candidates) if isinstance(candidates, list) else 0
+    return total
+
+
 @beam.typehints.with_output_types(Any)
 class _ReadFile(beam.DoFn):
     def __init__(self, require_candidates: bool):

@@ -6,12 +6,15 @@ one DoFn rather than RunInference: RunInference's BatchElements starts at batch 
 several steps per job, which cost more than the whole job's reads on a small job, and a shard
 group already holds everything a full batch needs.
 """
+from typing import Optional
+
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from schemas.reader import TokenStore
 from transforms.joint_handler import JointScorerHandler
+from transforms.progress import Tally
 
 ROWS_PER_READ = 2048
 
@@ -26,8 +29,9 @@ def batch_order(request):
 class _ScoreShard(beam.DoFn):
     """(shard, [(row, request), ...]) -> (request, logit) for every request."""
 
-    def __init__(self, store_path: str, handler: JointScorerHandler):
+    def __init__(self, store_path: str, handler: JointScorerHandler, tally: Optional[Tally] = None):
         self.store_path, self.handler = store_path, handler
+        self.tally = tally or Tally(None)
         self._model_handle = shared.Shared()  # one model per worker process, as RunInference does
         self.rows_read = Metrics.counter("edje_rerank", "token_rows_read")
         self.pairs_scored = Metrics.counter("edje_rerank", "pairs_scored")
@@ -55,16 +59,20 @@ class _ScoreShard(beam.DoFn):
                 logits = self.handler.run_inference([(r.text, tokens[i]) for r, i in batch], self.model)
                 self.batches.inc()
                 self.pairs_scored.inc(len(batch))
+                self.tally.add(len(batch))
                 for (request, _), logit in zip(batch, logits):
                     yield request, float(logit)
 
+    def finish_bundle(self):
+        self.tally.flush()
+
 
 class ScorePairs(beam.PTransform):
-    def __init__(self, store_path: str, handler: JointScorerHandler):
+    def __init__(self, store_path: str, handler: JointScorerHandler, tally: Optional[Tally] = None):
         super().__init__()
-        self.store_path, self.handler = store_path, handler
+        self.store_path, self.handler, self.tally = store_path, handler, tally
 
     def expand(self, routed):
         return (routed
                 | "GroupByShard" >> beam.GroupByKey()
-                | "ReadAndScore" >> beam.ParDo(_ScoreShard(self.store_path, self.handler)))
+                | "ReadAndScore" >> beam.ParDo(_ScoreShard(self.store_path, self.handler, self.tally)))

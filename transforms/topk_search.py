@@ -14,7 +14,7 @@ score first, then image_id ascending. Scores are float32 dot products of the flo
 embedding and the stored float16 embedding cast to float32 (both L2-normalised: cosine).
 """
 import heapq
-from typing import Iterable, List, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -23,6 +23,7 @@ from apache_beam.metrics import Metrics
 from schemas import columns as C
 from schemas.reader import StoreError, TokenStore, open_parquet
 from schemas.token_store import binary_column_to_numpy
+from transforms.progress import Tally
 
 NAMESPACE = "edje_retrieve"
 DEFAULT_BLOCK_ROWS = 8192
@@ -132,10 +133,11 @@ def read_embedding_blocks(store: TokenStore, shard: str, block_rows: int):
 class ScoreShardFn(beam.DoFn):
     """shard name, side input (query ids, matrix) -> (query_id, [hits of this shard])."""
 
-    def __init__(self, store: str, k: int, block_rows: int, query_block: int):
+    def __init__(self, store: str, k: int, block_rows: int, query_block: int, tally: Optional[Tally] = None):
         self.store_path, self.k = store, k
         self.block_rows, self.query_block = block_rows, query_block
         self.rows_scored = Metrics.counter(NAMESPACE, "rows_scored")
+        self.tally = tally or Tally(None)
 
     def setup(self):
         self.store = TokenStore(self.store_path)
@@ -150,6 +152,7 @@ class ScoreShardFn(beam.DoFn):
             for ids, emb in read_embedding_blocks(self.store, shard, self.block_rows):
                 seen[0] += len(ids)
                 yield ids, emb
+                self.tally.add(len(ids))
 
         hits = shard_topk(counted(), matrix, self.k, self.query_block)
         expected = self.store.shards[shard]["rows"]
@@ -158,6 +161,9 @@ class ScoreShardFn(beam.DoFn):
                              f"run pipeline.verify on the store")
         self.rows_scored.inc(seen[0])
         yield from zip(query_ids, hits)
+
+    def finish_bundle(self):
+        self.tally.flush()
 
 
 class TopKCombineFn(beam.CombineFn):
@@ -185,11 +191,12 @@ class SearchTopK(beam.PTransform):
     Queries that no shard could answer (an empty store) do not appear in the output."""
 
     def __init__(self, store: str, k: int, block_rows: int = DEFAULT_BLOCK_ROWS,
-                 query_block: int = DEFAULT_QUERY_BLOCK):
+                 query_block: int = DEFAULT_QUERY_BLOCK, tally: Optional[Tally] = None):
         super().__init__()
         if k < 1 or block_rows < 1 or query_block < 1:
             raise ValueError("k, block_rows and query_block must be >= 1")
         self.store, self.k, self.block_rows, self.query_block = store, k, block_rows, query_block
+        self.tally = tally
 
     def expand(self, query_embeddings):
         opened = TokenStore(self.store)  # the launcher reads the manifest once: the shard list
@@ -201,6 +208,6 @@ class SearchTopK(beam.PTransform):
         return (query_embeddings.pipeline
                 | "ListStoreShards" >> beam.Create(shards)
                 | "SpreadStoreShards" >> beam.Reshuffle()
-                | "ScoreShards" >> beam.ParDo(ScoreShardFn(self.store, self.k, self.block_rows, self.query_block),
+                | "ScoreShards" >> beam.ParDo(ScoreShardFn(self.store, self.k, self.block_rows, self.query_block, self.tally),
                                               beam.pvalue.AsSingleton(matrix))
                 | "MergeTopK" >> beam.CombinePerKey(TopKCombineFn(self.k)))

@@ -15,8 +15,6 @@ import posixpath
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 
 from schemas import storage
 
@@ -53,8 +51,7 @@ def write_file(path: str, fmt: str, rows, schema: pa.Schema = None) -> int:
     """Streams ``rows`` (dicts) into a temp file beside ``path``, then renames it to ``path``."""
     tmp = storage.temp_path_for(path)
     n = 0
-    f = FileSystems.create(tmp, mime_type="application/octet-stream",
-                           compression_type=CompressionTypes.UNCOMPRESSED)
+    f = storage.create(tmp)
     try:
         if fmt == "jsonl":
             for chunk in _chunks(rows, ROWS_PER_BATCH):
