@@ -105,6 +105,17 @@ def show_progress(flag: str, options) -> bool:
     return flag == "on" or (flag == "auto" and options.view_as(StandardOptions).runner in LOCAL_RUNNERS)
 
 
+def run_pipeline(pipeline, progress=None):
+    """Runs ``pipeline`` to the end; its progress bar (anything with close()) is closed however it ends."""
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+        return result
+    finally:
+        if progress is not None:
+            progress.close()
+
+
 def open_store_for(store: str, checkpoint):
     """The store, refused with a clear message unless valid and built with this checkpoint."""
     from models.checkpoint import CheckpointError, fingerprint

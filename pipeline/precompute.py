@@ -16,7 +16,7 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline._cli import BeamJobCLI, add_flag, beam_counters, finish, job_main, show_progress
+from pipeline._cli import BeamJobCLI, add_flag, beam_counters, finish, job_main, run_pipeline, show_progress
 from models.checkpoint import embedding_dim, fingerprint, read_config
 from models.quantization import CLI_NAMES, UnknownSchemeError, scheme_for_cli
 from schemas import columns as C
@@ -222,12 +222,7 @@ def run(argv=None, test_pipeline=None):
 
         show = show_progress(opts.progress, options)
         progress = _Progress(store, [s.name for s in plan.shards]) if show else None
-        try:
-            result = pipeline.run()
-            result.wait_until_finish()
-        finally:
-            if progress:
-                progress.close()
+        result = run_pipeline(pipeline, progress)
         manifest = mf.read(store)
         summary = summarize(manifest, store, time.time() - started, plan)
         summary["metrics"] = beam_counters(result, ENCODE_NAMESPACE)

@@ -17,7 +17,7 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline._cli import BeamJobCLI, add_flag, finish, job_main, open_store_for, show_progress
+from pipeline._cli import BeamJobCLI, add_flag, finish, job_main, open_store_for, run_pipeline, show_progress
 from schemas.scores import scores_schema
 from transforms.joint_handler import JointScorerHandler
 from transforms.rank_scores import FUSIONS, RankScores, resolve_fusion
@@ -91,12 +91,7 @@ def run(argv=None, test_pipeline=None):
             | "RankScores" >> RankScores(fusion, fusion_weight, opts.top_k))
     _ = rows | "WriteScores" >> WriteRows(opts.output, fmt, scores_schema(fusion != "none"))
     _ = (read["failures"], routed["failures"]) | "WriteFailures" >> WriteRows(failures_path, "jsonl")
-    try:
-        result = pipeline.run()
-        result.wait_until_finish()
-    finally:
-        if progress:
-            progress.close()
+    run_pipeline(pipeline, progress)
     return summarize(opts.output, fmt, failures_path, time.time() - started)
 
 

@@ -20,7 +20,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline._cli import BeamJobCLI, add_flag, beam_counters, finish, job_main, open_store_for, show_progress
+from pipeline._cli import (BeamJobCLI, add_flag, beam_counters, finish, job_main, open_store_for, run_pipeline,
+                           show_progress)
 from schemas import queries as Q
 from schemas import storage
 from transforms.progress import ProgressBar
@@ -127,12 +128,7 @@ def run(argv=None, test_pipeline=None):
          | "CountFailures" >> beam.ParDo(_Count("failures"))
          | "WriteFailures" >> WriteRows(failures_path, "jsonl"))
 
-    try:
-        result = pipeline.run()
-        result.wait_until_finish()
-    finally:
-        if progress:
-            progress.close()
+    result = run_pipeline(pipeline, progress)
     counts = beam_counters(result, NAMESPACE) or {"queries": _count_lines(opts.output), "failures": _count_lines(failures_path)}
     return {"queries": counts.get("queries", 0), "failures": counts.get("failures", 0),
             "output": opts.output, "failures_file": failures_path, "store": store,

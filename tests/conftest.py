@@ -108,3 +108,29 @@ def gcs(gcs_server, monkeypatch):
     from tests.object_stores import GcsStore
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{gcs_server.port}")
     return GcsStore(gcs_server.port)
+
+
+def second_while_first_paused(cmd, lease_up, second, cwd):
+    """Starts job ``cmd``, pauses it (SIGSTOP) once ``lease_up()`` holds, so that the overlap is
+    certain, runs ``second()``, resumes the first and waits for it.
+    Returns (what second() returned, the first job's exit code, its stderr)."""
+    import signal
+    import subprocess
+    import time
+    first = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None and not lease_up():
+            time.sleep(0.02)
+        assert first.poll() is None, "the first job ended before the second could start"
+        first.send_signal(signal.SIGSTOP)
+        try:
+            result = second()
+        finally:
+            first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=300)
+        return result, first.returncode, err
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()

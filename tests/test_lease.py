@@ -1,7 +1,6 @@
 """The store's writer lease: refusal while live, takeover once dead or expired, renewal, fence."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import time
 import pytest
 
 from schemas import lease as L
-from tests.conftest import BEAM_LOCAL
+from tests.conftest import BEAM_LOCAL, second_while_first_paused
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,26 +87,14 @@ def test_an_unreadable_lease_counts_as_held(tmp_path):
 
 @pytest.mark.slow
 def test_a_second_precompute_is_refused_while_the_first_holds_the_store(demo_dir, tmp_path):
-    """The first job is paused (SIGSTOP) while holding its lease, so the overlap is certain."""
     store = tmp_path / "store"
     cmd = [sys.executable, "-m", "pipeline.precompute", *BEAM_LOCAL, "--input",
            f"{demo_dir}/{{00000..00002}}.tar", "--output", str(store)]
-    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and first.poll() is None and not (store / "lease.json").exists():
-            time.sleep(0.02)
-        assert first.poll() is None
-        first.send_signal(signal.SIGSTOP)
-        second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        first.send_signal(signal.SIGCONT)
-        assert second.returncode != 0 and "is being written by precompute" in second.stderr, second.stderr[-2000:]
-        _, err = first.communicate(timeout=300)
-        assert first.returncode == 0, err[-3000:]
-    finally:
-        if first.poll() is None:
-            first.send_signal(signal.SIGCONT)
-            first.kill()
+    second, code, err = second_while_first_paused(
+        cmd, lambda: (store / "lease.json").exists(),
+        lambda: subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300), ROOT)
+    assert second.returncode != 0 and "is being written by precompute" in second.stderr, second.stderr[-2000:]
+    assert code == 0, err[-3000:]
     from pipeline.verify import verify
     report = verify(str(store))
     assert report["ok"] and report["commit"] == 1 and not (store / "lease.json").exists()

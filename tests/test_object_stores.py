@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.conftest import demo_members
+from tests.conftest import demo_members, second_while_first_paused
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARDS = 3
@@ -163,26 +163,14 @@ def test_kill_9_mid_precompute_then_rerun_gives_the_clean_store(s3):
 
 
 def test_a_second_writer_is_refused_and_the_store_stays_valid(s3):
-    """The first job is paused (SIGSTOP) once its lease is up, so the overlap is certain."""
     upload_img2dataset_shards(s3)
     cmd = [sys.executable, "-m", *precompute_args(s3), *s3.flags]
-    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and first.poll() is None and "store/lease.json" not in s3.keys("store/"):
-            time.sleep(0.05)
-        assert first.poll() is None, "the first job ended before the second could start"
-        first.send_signal(signal.SIGSTOP)
-        second = job(s3, *precompute_args(s3), check=False)
-        first.send_signal(signal.SIGCONT)
-        assert second.returncode != 0
-        assert "is being written by precompute" in second.stderr, second.stderr[-2000:]
-        _, err = first.communicate(timeout=300)
-        assert first.returncode == 0, err[-3000:]
-    finally:
-        if first.poll() is None:
-            first.send_signal(signal.SIGCONT)
-            first.kill()
+    second, code, err = second_while_first_paused(
+        cmd, lambda: "store/lease.json" in s3.keys("store/"),
+        lambda: job(s3, *precompute_args(s3), check=False), ROOT)
+    assert second.returncode != 0
+    assert "is being written by precompute" in second.stderr, second.stderr[-2000:]
+    assert code == 0, err[-3000:]
     report = json.loads(job(s3, "pipeline.verify", "--store", s3.url("store")).stdout)
     assert report["ok"] and report["commit"] == 1 and report["notes"] == []
     assert "store/lease.json" not in s3.keys("store/")
