@@ -14,6 +14,9 @@ setup(
     include_package_data=True,
     install_requires=[
         "apache-beam>=2.60",
+        # Beam logs "apitools not found ..." from every process that imports it, its workers too,
+        # unless this is installed (Beam's own gcp extra pins the same).
+        "google-apitools>=0.5.31,<0.5.32",
         "torch>=2.4",
         "torchvision>=0.19",
         "open_clip_torch>=2.26",

@@ -8,7 +8,7 @@ scheme in the shard's metadata) and row count, ids unique across the store, the 
 (every served id, pointing at the right row), files under shards/ that the manifest does not
 list, and manifest.json against the committed versions under manifests/. Prints a JSON summary
 (ok, rows, unique_ids, failed, duplicates, commit, problems naming the shard, notes such as a
-live writer's lease) and exits 1 on any problem. Object stores: Beam's --s3_* / GCS flags.
+live writer's lease) and exits 1 on any problem. Object stores: Beam's S3 and GCS flags (below).
 """
 import argparse
 import json

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +24,7 @@ def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60) -> No
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
@@ -37,9 +38,15 @@ class Server:
 
     def __init__(self, cmd, port, env=None):
         self.port = port
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # The log goes to a file: a pipe nobody reads fills up and blocks the server mid-request.
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
         wait_listening(port, self.proc)
+
+    def log_tail(self, n=2000) -> str:
+        self.log.seek(0)
+        return self.log.read().decode("utf-8", "replace")[-n:]
 
     def stop(self):
         self.proc.terminate()
@@ -48,6 +55,7 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.log.close()
 
 
 class S3Store:

@@ -70,7 +70,8 @@ def test_resume_refuses_to_mix_schemes(demo_dir, tmp_path):
     run_precompute(f"{demo_dir}/00000.tar", store)
     with pytest.raises(SystemExit, match="holds int8_absmax_per_token tokens.*new --output"):
         run_precompute(f"{demo_dir}/{{00000..00001}}.tar", store, "--quantization", "int4")
-    (store / "manifest.json").unlink()  # a killed run: only the stats records tell
+    (store / "manifest.json").unlink()  # a run killed before its first commit: only the stats records tell
+    shutil.rmtree(store / "manifests")
     with pytest.raises(SystemExit, match="holds int8_absmax_per_token shards.*new --output"):
         run_precompute(f"{demo_dir}/{{00000..00001}}.tar", store, "--quantization", "int4")
     assert sorted(p.name for p in (store / "shards").iterdir()) == ["00000.parquet"]

@@ -99,9 +99,17 @@ def test_precompute_help_mentions_every_flag():
     assert "--runner" in out and "--direct_running_mode" in out  # Beam flags pass through
 
 
+def filesystem_flags():
+    import argparse
+    from pipeline._cli import add_filesystem_flags
+    parser = argparse.ArgumentParser(add_help=False)
+    add_filesystem_flags(parser)
+    return {s for a in parser._actions for s in a.option_strings}
+
+
 def test_verify_help_mentions_every_flag():
     out = sh([sys.executable, "-m", "pipeline.verify", "--help"]).stdout
-    assert set(re.findall(r"--[a-z_]+", out)) == {"--help", "--store", "--no_hash"}
+    assert set(re.findall(r"--[a-z0-9_]+", out)) == {"--help", "--store", "--no_hash"} | filesystem_flags()
 
 
 def test_readme_documents_commands_and_flags():
