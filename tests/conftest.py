@@ -29,14 +29,22 @@ def contained_tempdir(tmp_path_factory):
     tempfile.tempdir = saved[1]
 
 
-def write_tar(path, members):
-    """Writes a tar with exactly these (name, bytes) members, in order."""
-    with tarfile.open(path, "w") as tar:
+def tar_bytes(members) -> bytes:
+    """A tar with exactly these (name, bytes) members, in order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mtime = 0
             tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def write_tar(path, members):
+    """Writes a tar with exactly these (name, bytes) members, in order."""
+    with open(path, "wb") as f:
+        f.write(tar_bytes(members))
 
 
 def demo_members(shard, count, seed=0):

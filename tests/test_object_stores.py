@@ -7,29 +7,18 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.conftest import demo_members, second_while_first_paused
+from tests.conftest import demo_members, second_while_first_paused, tar_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARDS = 3
 PER_SHARD = 8
 pytestmark = pytest.mark.slow
-
-
-def tar_bytes(members) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime = len(data), 0
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def upload_img2dataset_shards(store, prefix="shards"):

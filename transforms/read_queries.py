@@ -4,6 +4,7 @@ Each file is read by one worker in order, so every failure names its ``file:line
 ``file:row`` for Parquet). Queries whose id appeared earlier (file order, then line) are failures
 too: one query id, one ranking.
 """
+import json
 import logging
 from typing import Any
 
@@ -31,7 +32,6 @@ def plan_query_files(pattern: str):
 
 def count_candidates(pattern: str) -> int:
     """Candidates listed by the query files (malformed lines count none): the progress bar's total."""
-    import json
     total = 0
     for path in plan_query_files(pattern):
         with storage.open_read(path) as f:
