@@ -20,6 +20,7 @@ Writes ``OUTPUT/checkpoint`` (config.json + model.safetensors); seeded; resumabl
 ``OUTPUT/<stage>/state.pt`` (tensors only, loaded with weights_only=True).
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -184,9 +185,10 @@ def identical(caption_ids: torch.Tensor, idx) -> torch.Tensor:
 
 
 def cosine_schedule(step, total, warmup, time_fraction=0.0):
-    """Linear warm-up, then cosine decay to 0 by ``total`` steps or by the end of the time budget
-    (``time_fraction``: share of it spent), whichever comes first, so a time-boxed run still ends
-    at a low learning rate."""
+    """Linear warm-up, then cosine decay to 0 by ``total`` steps. The time budget is a cap:
+    ``time_fraction`` (its share spent) takes over only when it runs ahead of the steps, so a
+    machine fast enough for the budget trains the same steps at the same rates as any other
+    (seeded: the same checkpoint), and a slower one still ends at a low learning rate."""
     if step < warmup:
         return (step + 1) / warmup
     progress = max((step - warmup) / max(1, total - warmup), time_fraction)
@@ -196,8 +198,8 @@ def cosine_schedule(step, total, warmup, time_fraction=0.0):
 class Trainer:
     """Shared loop: seeded, resumable, time-boxed, early stopping on a validation metric."""
 
-    def __init__(self, args, stage_dir: Path, params, lr):
-        self.args, self.dir = args, stage_dir
+    def __init__(self, args, stage_dir: Path, params, lr, max_steps: int):
+        self.args, self.dir, self.max_steps = args, stage_dir, max_steps
         self.dir.mkdir(parents=True, exist_ok=True)
         self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
         self.step, self.best, self.bad_evals, self.history = 0, -1.0, 0, []
@@ -229,7 +231,7 @@ class Trainer:
         return True
 
     def set_lr(self, base_lrs, time_fraction=0.0):
-        f = cosine_schedule(self.step, self.args.max_steps, self.args.warmup, time_fraction)
+        f = cosine_schedule(self.step, self.max_steps, self.args.warmup, time_fraction)
         for group, base in zip(self.opt.param_groups, base_lrs):
             group["lr"] = base * f
 
@@ -261,7 +263,7 @@ def train_clip(args, data, train_idx, val_idx) -> Path:
     texts = tokenizer(data["captions"]).to(args.device)
     images = data["images"].to(args.device)
     caption_ids = data["caption_ids"].to(args.device)
-    trainer = Trainer(args, out, backbone.parameters(), args.lr_clip)
+    trainer = Trainer(args, out, backbone.parameters(), args.lr_clip, args.max_steps_clip or args.max_steps)
     modules = {"backbone": backbone}
     if (out / "done.json").exists():
         return out
@@ -272,8 +274,8 @@ def train_clip(args, data, train_idx, val_idx) -> Path:
     # "random" batches give the usual bag-of-words CLIP that EDJE is meant to rerank.
     groups = data["groups"] if args.clip_batching == "groups" else np.arange(len(data["groups"]))
     batches = group_batches(train_idx, groups, args.batch_size, rng)
-    started, bar = time.time(), tqdm(total=args.max_steps, initial=trainer.step, desc="clip", dynamic_ncols=True)
-    while trainer.step < args.max_steps:
+    started, bar = time.time(), tqdm(total=trainer.max_steps, initial=trainer.step, desc="clip", dynamic_ncols=True)
+    while trainer.step < trainer.max_steps:
         idx = next(batches)
         backbone.train()
         trainer.set_lr([args.lr_clip], (time.time() - started) / (args.max_minutes_clip * 60))
@@ -289,7 +291,7 @@ def train_clip(args, data, train_idx, val_idx) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         out_of_time = time.time() - started >= args.max_minutes_clip * 60
-        if trainer.step % args.eval_every == 0 or trainer.step == args.max_steps or out_of_time:
+        if trainer.step % args.eval_every == 0 or trainer.step == trainer.max_steps or out_of_time:
             rec = eval_clip(backbone, images, texts, val_idx, data["groups"], args.device)
             rec["loss"] = round(loss.item(), 4)
             if trainer.after_eval(rec["val_t2i_r1"], rec, modules) or out_of_time:
@@ -300,7 +302,8 @@ def train_clip(args, data, train_idx, val_idx) -> Path:
         backbone.load_state_dict(best["backbone"])
     save_checkpoint(out / "backbone", CheckpointConfig(backbone.cfg, AdapterConfig(input_dim=backbone.width, num_heads=1)),
                     {"backbone": backbone, "adapter": TokenCompressionAdapter(AdapterConfig(input_dim=backbone.width, num_heads=1))})
-    (out / "done.json").write_text(json.dumps({"step": trainer.step, "best_val_t2i_r1": trainer.best,
+    (out / "done.json").write_text(json.dumps({"step": trainer.step, "max_steps": trainer.max_steps,
+                                               "best_val_t2i_r1": trainer.best,
                                                "seconds": round(time.time() - started, 1)}))
     return out
 
@@ -391,7 +394,7 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
         params.append({"params": fusion.parameters(), "lr": args.lr_adapter})
         base_lrs.append(args.lr_adapter)
         modules["fusion"] = fusion
-    trainer = Trainer(args, out, params, args.lr_joint)
+    trainer = Trainer(args, out, params, args.lr_joint, args.max_steps_edje or args.max_steps)
     cfg = CheckpointConfig(backbone.cfg, adapter_cfg, joint_cfg, description=args.description)
     if not (out / "done.json").exists():
         trainer.resume(modules)
@@ -403,8 +406,8 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
         near = (neighbour_batches(train_idx, data["groups"], img_emb, args.batch_size_edje, rng, args.neighbour_share)
                 if args.edje_batching == "neighbours" else batches)
         started = time.time()
-        bar = tqdm(total=args.max_steps, initial=trainer.step, desc="edje", dynamic_ncols=True)
-        while trainer.step < args.max_steps:
+        bar = tqdm(total=trainer.max_steps, initial=trainer.step, desc="edje", dynamic_ncols=True)
+        while trainer.step < trainer.max_steps:
             warm = trainer.step < args.mlm_only_steps
             easy = trainer.step < args.mlm_only_steps + args.random_only_steps
             idx = torch.as_tensor(next(batches if easy else near), device=args.device)
@@ -428,7 +431,7 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
             out_of_time = time.time() - started >= args.max_minutes_edje * 60
             every = args.eval_every_edje or args.eval_every
-            if trainer.step % every == 0 or trainer.step == args.max_steps or out_of_time:
+            if trainer.step % every == 0 or trainer.step == trainer.max_steps or out_of_time:
                 rec = eval_edje(adapter, joint, patch, ids, mask, val_idx, data["groups"], args.device,
                                 data["variants"],
                                 None if fusion is None else (img_emb, txt_emb, fusion.weight.item()))
@@ -445,7 +448,8 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
                 if trainer.after_eval(metric, rec, modules, counts=not warm) or out_of_time:
                     break
         bar.close()
-        (out / "done.json").write_text(json.dumps({"step": trainer.step, "best_val_group_acc": trainer.best,
+        (out / "done.json").write_text(json.dumps({"step": trainer.step, "max_steps": trainer.max_steps,
+                                                   "best_val_group_acc": trainer.best,
                                                    "seconds": round(time.time() - started, 1)}))
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True) if (out / "best.pt").exists() else None
     if best:  # (the MLM head is training-only)
@@ -768,9 +772,14 @@ def parse_args(argv):
     ap.add_argument("--lr_joint", type=float, default=5e-5)
     ap.add_argument("--weight_decay", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--max_steps", type=int, default=100_000, help="per stage; the schedule's length")
+    ap.add_argument("--max_steps", type=int, default=100_000,
+                    help="steps of each stage without its own --max_steps_clip/_edje: the learning-rate "
+                         "schedule's length")
+    ap.add_argument("--max_steps_clip", type=int, default=0, help="> 0: the clip stage's steps")
+    ap.add_argument("--max_steps_edje", type=int, default=0, help="> 0: the edje stage's steps")
     ap.add_argument("--max_minutes_clip", type=float, default=4.0,
-                    help="time budget of the clip stage; the learning rate reaches 0 at its end")
+                    help="time cap of the clip stage: it stops there, and the learning rate decays by "
+                         "time instead of steps wherever time runs ahead")
     ap.add_argument("--max_minutes_edje", type=float, default=5.0, help="likewise for the edje stage")
     ap.add_argument("--eval_every", type=int, default=200)
     ap.add_argument("--eval_every_edje", type=int, default=0, help="> 0: the edje stage's own --eval_every")
@@ -847,8 +856,26 @@ def parse_args(argv):
     return args
 
 
+@contextlib.contextmanager
+def deterministic(device: str):
+    """On the CPU, torch's deterministic kernels: a seeded run then writes the same checkpoint bit
+    for bit (by default some backward passes accumulate in a thread-dependent order; measured: no
+    slower here). CUDA keeps its fast kernels."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(before or device == "cpu")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def run(argv=None):
     args = parse_args(argv)
+    with deterministic(args.device):
+        return _run(args)
+
+
+def _run(args):
     torch.manual_seed(args.seed)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     Path(args.output).mkdir(parents=True, exist_ok=True)

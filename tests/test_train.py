@@ -55,6 +55,21 @@ def test_short_training_run_lowers_the_loss_and_writes_a_usable_checkpoint(scene
     assert (out / "edje" / "done.json").read_text() == before
 
 
+def test_a_seeded_run_with_step_budgets_writes_the_same_checkpoint_twice(scenes, tmp_path):
+    """The demo recipe's reproduction rests on this: per-stage step budgets, the time cap far off."""
+    def run(out):
+        train.run(["--data", f"{scenes}/train/*.tar", "--output", str(out), *ARGS, "--max_steps_clip", "12",
+                   "--max_steps_edje", "14", "--max_minutes_clip", "60", "--max_minutes_edje", "60"])
+        return out
+    a, b = run(tmp_path / "a"), run(tmp_path / "b")
+    for r in (a, b):
+        assert json.loads((r / "clip" / "done.json").read_text())["step"] == 12
+        assert json.loads((r / "edje" / "done.json").read_text())["step"] == 14
+    assert (a / "checkpoint" / "model.safetensors").read_bytes() == (b / "checkpoint" / "model.safetensors").read_bytes()
+    history = [json.loads((r / "edje" / "history.json").read_text()) for r in (a, b)]
+    assert history[0] == history[1]
+
+
 def test_narrow_joint_encoder_with_mlm_local_adapter_and_neighbour_batches_trains_and_loads(scenes, tmp_path):
     out = tmp_path / "run"
     final = train.run(["--data", f"{scenes}/train/*.tar", "--output", str(out), *ARGS, "--joint_width", "64",
