@@ -184,22 +184,24 @@ def identical(caption_ids: torch.Tensor, idx) -> torch.Tensor:
     return c[:, None] == c[None, :]
 
 
-def cosine_schedule(step, total, warmup, time_fraction=0.0):
-    """Linear warm-up, then cosine decay to 0 by ``total`` steps. The time budget is a cap:
-    ``time_fraction`` (its share spent) takes over only when it runs ahead of the steps, so a
-    machine fast enough for the budget trains the same steps at the same rates as any other
-    (seeded: the same checkpoint), and a slower one still ends at a low learning rate."""
+def cosine_schedule(step, total, warmup, time_fraction=0.0, work=None):
+    """Linear warm-up, then cosine decay to 0 by ``total`` steps. ``work(step)``, when given, is
+    the work done by then (steps weighted by cost), and the decay follows it instead of the step
+    count. The time budget is a cap: ``time_fraction`` (its share spent) takes over only when it
+    runs ahead, so a machine fast enough for the budget trains the same steps at the same rates as
+    any other (seeded: the same checkpoint), and a slower one still ends at a low learning rate."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = max((step - warmup) / max(1, total - warmup), time_fraction)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    work = work or (lambda s: s)
+    progress = (work(step) - work(warmup)) / max(1e-9, work(total) - work(warmup))
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, max(progress, time_fraction))))
 
 
 class Trainer:
     """Shared loop: seeded, resumable, time-boxed, early stopping on a validation metric."""
 
-    def __init__(self, args, stage_dir: Path, params, lr, max_steps: int):
-        self.args, self.dir, self.max_steps = args, stage_dir, max_steps
+    def __init__(self, args, stage_dir: Path, params, lr, max_steps: int, work=None):
+        self.args, self.dir, self.max_steps, self.work = args, stage_dir, max_steps, work
         self.dir.mkdir(parents=True, exist_ok=True)
         self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
         self.step, self.best, self.bad_evals, self.history = 0, -1.0, 0, []
@@ -231,7 +233,7 @@ class Trainer:
         return True
 
     def set_lr(self, base_lrs, time_fraction=0.0):
-        f = cosine_schedule(self.step, self.max_steps, self.args.warmup, time_fraction)
+        f = cosine_schedule(self.step, self.max_steps, self.args.warmup, time_fraction, self.work)
         for group, base in zip(self.opt.param_groups, base_lrs):
             group["lr"] = base * f
 
@@ -394,7 +396,12 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
         params.append({"params": fusion.parameters(), "lr": args.lr_adapter})
         base_lrs.append(args.lr_adapter)
         modules["fusion"] = fusion
-    trainer = Trainer(args, out, params, args.lr_joint, args.max_steps_edje or args.max_steps)
+    # An MLM-only step costs ~0.45 of an ITM step on a CPU. Counting it so keeps the rate the ITM
+    # phase starts at where a time-boxed schedule had it; by plain steps, ITM started at half the
+    # rate and never left chance (BENCHMARKS.md, "Issue 12, session 8").
+    m, cost = args.mlm_only_steps, args.mlm_step_cost
+    trainer = Trainer(args, out, params, args.lr_joint, args.max_steps_edje or args.max_steps,
+                      work=lambda s: cost * min(s, m) + max(0, s - m))
     cfg = CheckpointConfig(backbone.cfg, adapter_cfg, joint_cfg, description=args.description)
     if not (out / "done.json").exists():
         trainer.resume(modules)
@@ -830,6 +837,10 @@ def parse_args(argv):
                          "so that only the relation says which object is which)")
     ap.add_argument("--mlm_only_steps", type=int, default=0,
                     help="curriculum: this many MLM-only steps (captions read with their own image) before ITM")
+    ap.add_argument("--mlm_step_cost", type=float, default=1.0,
+                    help="the edje stage's learning-rate schedule counts an MLM-only step as this share of "
+                         "an ITM step (their time ratio, ~0.45 on a CPU), so the ITM phase starts at a "
+                         "higher rate")
     ap.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=False,
                     help="rank pairs by logit + w * first-stage cosine inside the listwise loss (w learnt, "
                          "stored in the checkpoint; rerank then ranks by the same sum)")
@@ -851,6 +862,8 @@ def parse_args(argv):
         ap.error("--frozen_text_layers: a --joint_width encoder has no MiniLM layers to keep")
     if args.adapter_position_words and not args.adapter_output_positions:
         ap.error("--adapter_position_words needs --adapter_output_positions")
+    if args.mlm_step_cost <= 0:
+        ap.error("--mlm_step_cost must be > 0")
     if not 0 < args.mlm_probability <= 1:
         ap.error("--mlm_probability must be in (0, 1]")
     return args

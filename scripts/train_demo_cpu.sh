@@ -21,7 +21,7 @@ mkdir -p "$OUT" "$WORK"
   --batch_size 128 --lr_clip 1e-3 --max_steps_clip 2600 --max_minutes_clip 40 --eval_every 200 --patience 5 \
   --batch_size_edje 32 --joint_layers 6 --text_layers 4 --frozen_text_layers 3 --num_tokens 16 --max_text_tokens 32 \
   --image_positions fixed --adapter_cells --adapter_output_positions --adapter_output_norm 1.0 \
-  --mlm_only_steps 1500 --mlm_words objects --mlm_weight 0.5 \
+  --mlm_only_steps 1500 --mlm_step_cost 0.45 --mlm_words objects --mlm_weight 0.5 \
   --fusion --random_only_steps 100 --hard_negatives 3 --lr_joint 1e-4 --lr_adapter 5e-4 --eval_every_edje 250 \
   --max_steps_edje 2500 --max_minutes_edje 40
 cp -r "$WORK/run/checkpoint" "$OUT/"

@@ -55,6 +55,17 @@ def test_short_training_run_lowers_the_loss_and_writes_a_usable_checkpoint(scene
     assert (out / "edje" / "done.json").read_text() == before
 
 
+def test_the_schedule_decays_over_weighted_work_and_the_time_cap_only_takes_over_when_ahead():
+    assert train.cosine_schedule(0, 100, 10) == pytest.approx(0.1)
+    assert train.cosine_schedule(55, 100, 10) == pytest.approx(0.5)
+    assert train.cosine_schedule(100, 100, 10) == pytest.approx(0.0)
+    # MLM-only steps (the first 50) counting a quarter: by step 50 only 10 of 60 units of work are done
+    work = lambda s: 0.25 * min(s, 50) + max(0, s - 50)
+    assert train.cosine_schedule(50, 100, 10, work=work) == pytest.approx(0.5 * (1 + np.cos(np.pi * 10 / 60)))
+    assert train.cosine_schedule(50, 100, 10, time_fraction=0.1, work=work) == train.cosine_schedule(50, 100, 10, work=work)
+    assert train.cosine_schedule(50, 100, 10, time_fraction=0.9, work=work) == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.9)))
+
+
 def test_a_seeded_run_with_step_budgets_writes_the_same_checkpoint_twice(scenes, tmp_path):
     """The demo recipe's reproduction rests on this: per-stage step budgets, the time cap far off."""
     def run(out):
