@@ -187,9 +187,8 @@ def identical(caption_ids: torch.Tensor, idx) -> torch.Tensor:
 def cosine_schedule(step, total, warmup, time_fraction=0.0, work=None):
     """Linear warm-up, then cosine decay to 0 by ``total`` steps. ``work(step)``, when given, is
     the work done by then (steps weighted by cost), and the decay follows it instead of the step
-    count. The time budget is a cap: ``time_fraction`` (its share spent) takes over only when it
-    runs ahead, so a machine fast enough for the budget trains the same steps at the same rates as
-    any other (seeded: the same checkpoint), and a slower one still ends at a low learning rate."""
+    count. ``time_fraction`` (the share of a time budget spent) takes over when it runs ahead, so
+    a time-boxed run still ends at a low learning rate."""
     if step < warmup:
         return (step + 1) / warmup
     work = work or (lambda s: s)
@@ -232,15 +231,35 @@ class Trainer:
         log.info("resumed %s at step %d", self.dir, self.step)
         return True
 
-    def set_lr(self, base_lrs, time_fraction=0.0):
+    def start_clock(self, minutes: float, steps_given: bool):
+        """``steps_given``: the stage has its own step budget, and the schedule follows steps alone
+        (the time limit then only stops it), so the rates never depend on the machine's speed.
+        Otherwise the stage is time-boxed and the schedule also follows the share of time spent."""
+        self.started, self.budget, self.timed = time.time(), minutes * 60, not steps_given
+
+    def out_of_time(self) -> bool:
+        return time.time() - self.started >= self.budget
+
+    def set_lr(self, base_lrs):
+        time_fraction = (time.time() - self.started) / self.budget if self.timed else 0.0
         f = cosine_schedule(self.step, self.max_steps, self.args.warmup, time_fraction, self.work)
         for group, base in zip(self.opt.param_groups, base_lrs):
             group["lr"] = base * f
 
+    def finish(self, best_name: str):
+        stopped = "steps" if self.step >= self.max_steps else "time" if self.out_of_time() else "plateau"
+        if stopped == "time" and not self.timed:
+            log.warning("%s stopped by its time limit at step %d of %d: its schedule did not finish, and the "
+                        "run is not the seeded one (raise --max_minutes_* or lower the step budget)",
+                        self.dir.name, self.step, self.max_steps)
+        (self.dir / "done.json").write_text(json.dumps({
+            "step": self.step, "max_steps": self.max_steps, "stopped": stopped, best_name: self.best,
+            "seconds": round(time.time() - self.started, 1)}))
+
     def after_eval(self, metric, record, modules, counts: bool = True) -> bool:
         """Logs, checkpoints the best, returns True to stop (plateau). ``counts`` False: a warm-up
         evaluation, recorded only (its metric is not the one being trained yet)."""
-        record.update(step=self.step, metric=metric)
+        record.update(step=self.step, metric=metric, seconds=round(time.time() - self.started, 1))
         self.history.append(record)
         tqdm.write(json.dumps(record))
         if counts and metric > self.best + 1e-4:
@@ -276,11 +295,12 @@ def train_clip(args, data, train_idx, val_idx) -> Path:
     # "random" batches give the usual bag-of-words CLIP that EDJE is meant to rerank.
     groups = data["groups"] if args.clip_batching == "groups" else np.arange(len(data["groups"]))
     batches = group_batches(train_idx, groups, args.batch_size, rng)
-    started, bar = time.time(), tqdm(total=trainer.max_steps, initial=trainer.step, desc="clip", dynamic_ncols=True)
+    trainer.start_clock(args.max_minutes_clip, bool(args.max_steps_clip))
+    bar = tqdm(total=trainer.max_steps, initial=trainer.step, desc="clip", dynamic_ncols=True)
     while trainer.step < trainer.max_steps:
         idx = next(batches)
         backbone.train()
-        trainer.set_lr([args.lr_clip], (time.time() - started) / (args.max_minutes_clip * 60))
+        trainer.set_lr([args.lr_clip])
         with autocast(args.device):
             img = backbone(images[idx])[0]
             txt = F.normalize(backbone.clip.encode_text(texts[idx]).float(), dim=-1)
@@ -292,7 +312,7 @@ def train_clip(args, data, train_idx, val_idx) -> Path:
         trainer.step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        out_of_time = time.time() - started >= args.max_minutes_clip * 60
+        out_of_time = trainer.out_of_time()
         if trainer.step % args.eval_every == 0 or trainer.step == trainer.max_steps or out_of_time:
             rec = eval_clip(backbone, images, texts, val_idx, data["groups"], args.device)
             rec["loss"] = round(loss.item(), 4)
@@ -304,9 +324,7 @@ def train_clip(args, data, train_idx, val_idx) -> Path:
         backbone.load_state_dict(best["backbone"])
     save_checkpoint(out / "backbone", CheckpointConfig(backbone.cfg, AdapterConfig(input_dim=backbone.width, num_heads=1)),
                     {"backbone": backbone, "adapter": TokenCompressionAdapter(AdapterConfig(input_dim=backbone.width, num_heads=1))})
-    (out / "done.json").write_text(json.dumps({"step": trainer.step, "max_steps": trainer.max_steps,
-                                               "best_val_t2i_r1": trainer.best,
-                                               "seconds": round(time.time() - started, 1)}))
+    trainer.finish("best_val_t2i_r1")
     return out
 
 
@@ -412,14 +430,14 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
         # collapses to a constant), so they follow the random-negative steps, like the hard negatives.
         near = (neighbour_batches(train_idx, data["groups"], img_emb, args.batch_size_edje, rng, args.neighbour_share)
                 if args.edje_batching == "neighbours" else batches)
-        started = time.time()
+        trainer.start_clock(args.max_minutes_edje, bool(args.max_steps_edje))
         bar = tqdm(total=trainer.max_steps, initial=trainer.step, desc="edje", dynamic_ncols=True)
         while trainer.step < trainer.max_steps:
             warm = trainer.step < args.mlm_only_steps
             easy = trainer.step < args.mlm_only_steps + args.random_only_steps
             idx = torch.as_tensor(next(batches if easy else near), device=args.device)
             adapter.train(), joint.train()
-            trainer.set_lr(base_lrs, (time.time() - started) / (args.max_minutes_edje * 60))
+            trainer.set_lr(base_lrs)
             hard = 0 if easy else args.hard_negatives
             siblings = same_group(group_ids, idx) if args.sibling_negatives else None
             if warm:
@@ -436,7 +454,7 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
             trainer.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
-            out_of_time = time.time() - started >= args.max_minutes_edje * 60
+            out_of_time = trainer.out_of_time()
             every = args.eval_every_edje or args.eval_every
             if trainer.step % every == 0 or trainer.step == trainer.max_steps or out_of_time:
                 rec = eval_edje(adapter, joint, patch, ids, mask, val_idx, data["groups"], args.device,
@@ -455,9 +473,7 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
                 if trainer.after_eval(metric, rec, modules, counts=not warm) or out_of_time:
                     break
         bar.close()
-        (out / "done.json").write_text(json.dumps({"step": trainer.step, "max_steps": trainer.max_steps,
-                                                   "best_val_group_acc": trainer.best,
-                                                   "seconds": round(time.time() - started, 1)}))
+        trainer.finish("best_val_group_acc")
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True) if (out / "best.pt").exists() else None
     if best:  # (the MLM head is training-only)
         adapter.load_state_dict(best["adapter"])
