@@ -414,9 +414,9 @@ def train_edje(args, data, train_idx, val_idx, backbone_dir: Path) -> Path:
         params.append({"params": fusion.parameters(), "lr": args.lr_adapter})
         base_lrs.append(args.lr_adapter)
         modules["fusion"] = fusion
-    # An MLM-only step costs ~0.45 of an ITM step on a CPU. Counting it so keeps the rate the ITM
-    # phase starts at where a time-boxed schedule had it; by plain steps, ITM started at half the
-    # rate and never left chance (BENCHMARKS.md, "Issue 12, session 8").
+    # An MLM-only step costs ~0.45 of an ITM step on a CPU; counting it so (--mlm_step_cost) starts
+    # a step-budget ITM phase at the rate a time-boxed schedule gave it (BENCHMARKS.md, "Issue 12,
+    # session 8": whether ITM takes off was decided by the backbone's MLM grounding, not this rate).
     m, cost = args.mlm_only_steps, args.mlm_step_cost
     trainer = Trainer(args, out, params, args.lr_joint, args.max_steps_edje or args.max_steps,
                       work=lambda s: cost * min(s, m) + max(0, s - m))
