@@ -191,6 +191,14 @@ def test_fusion_adds_the_first_stage_cosine_inside_the_listwise_loss():
 
 
 
+def test_mlm_phase_ending_with_ungrounded_object_words_is_warned(caplog):
+    with caplog.at_level("WARNING", logger="train"):
+        assert train.warn_if_ungrounded({"objects": {"own": 64.0, "other": 40.0, "none": 35.0}}, 2000)
+        assert not train.warn_if_ungrounded({"objects": {"own": 84.5, "other": 40.0, "none": 35.0}}, 2000)
+        assert not train.warn_if_ungrounded({"colour": {"own": 10.0}}, 2000)  # no object-words rule: nothing to say
+    assert len(caplog.records) == 1 and "64.0%" in caplog.text and "--mlm_only_steps" in caplog.text
+
+
 @pytest.mark.slow
 def test_reduced_edje_run_on_the_shipped_backbone_grounds_object_words(tmp_path):
     """A real, reduced edje stage (objects-MLM only, on the embedded checkpoint's trained backbone):
