@@ -578,8 +578,8 @@ WORD_CLASSES = {0: "colour", 1: "shape", 2: "size", 3: "spatial"}
 # object is which, so filling them in needs the objects' places (``--mlm_words objects``)
 OBJECT_CLASSES = (0, 1, 2)
 CLASS_RULES = ("classes", "objects")  # --mlm_words rules that mask by the scenes' word classes
-# Object words' own-image MLM accuracy when ITM started: 77-85% in every CPU run whose ITM took off,
-# 63-65% in those that stayed at chance (BENCHMARKS.md, "Issue 12, session 8").
+# Object words' own-image MLM accuracy when ITM started: 77-89% in every CPU run whose ITM took off,
+# 63-65% in those that stayed at chance (BENCHMARKS.md, "Issue 12, sessions 8 and 9").
 GROUNDED_OBJECTS = 75.0
 
 
@@ -589,7 +589,7 @@ def warn_if_ungrounded(report: dict, step: int) -> bool:
     if own is None or own >= GROUNDED_OBJECTS:
         return False
     log.warning("step %d, end of the MLM-only steps: object words are filled in at %.1f%% from the caption's own "
-                "image; ITM has taken off only from ~%.0f%% in measured runs (BENCHMARKS.md, 'Issue 12, session 8'): "
+                "image; ITM has taken off only from ~%.0f%% in measured runs (BENCHMARKS.md, 'Issue 12, sessions 8 and 9'): "
                 "more --mlm_only_steps may be needed", step, own, GROUNDED_OBJECTS)
     return True
 
