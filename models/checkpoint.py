@@ -235,3 +235,54 @@ def save_checkpoint(path, cfg: CheckpointConfig, modules: dict, dtype=None) -> s
     os.replace(tmp, path / WEIGHTS_FILE)
     (path / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
     return fingerprint(path)
+
+
+def load_backbone(path, device="cpu") -> Backbone:
+    """The frozen backbone of a checkpoint directory, for training an adapter and joint encoder on
+    it: a whole checkpoint, or a ``config.json`` whose ``backbone`` section is all there is (then
+    ``model.safetensors`` is optional: the weights may come from ``weights_file`` or the
+    ``pretrained`` tag). Refused, with the reason, unless it has weights and gives patch tokens."""
+    local = Path(localize(path))
+    config = local / CONFIG_FILE
+    if not config.is_file():
+        raise CheckpointError(f"{path}: no {CONFIG_FILE} (a backbone checkpoint is a directory with one)")
+    try:
+        raw = json.loads(config.read_bytes()[:MAX_CONFIG_BYTES])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config}: invalid JSON ({e})") from e
+    if raw.get("adapter") is not None:
+        encoder, _, _ = load_vision_encoder(local, device)  # (builds the same modules in the same order as ever)
+        backbone = encoder.backbone
+    else:
+        if raw.get("format") != FORMAT or raw.get("version") != VERSION:
+            raise CheckpointError(f"{config}: format must be {FORMAT!r}, version {VERSION}")
+        try:
+            cfg = BackboneConfig.from_dict(raw.get("backbone") or {})
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{config}: backbone: {e}") from e
+        state = _split(load_file(str(local / WEIGHTS_FILE)), "backbone.clip.") if (local / WEIGHTS_FILE).is_file() else {}
+        if not state and cfg.weights_file:
+            state = load_state_file(cfg.weights_file)
+        if not state and not cfg.pretrained:
+            raise CheckpointError(f"{path}: no backbone weights (neither backbone.clip.* tensors, a weights_file "
+                                  f"nor a pretrained tag)")
+        backbone = Backbone(cfg, load_pretrained=not state)
+        if state:
+            _load_strict(backbone.clip, state, "backbone")
+        backbone = backbone.to(device).eval().float()
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+    _check_patch_tokens(backbone, path, device)
+    return backbone
+
+
+def _check_patch_tokens(backbone: Backbone, path, device) -> None:
+    import torch
+    size = backbone.image_size if isinstance(backbone.image_size, tuple) else (backbone.image_size,) * 2
+    try:
+        with torch.no_grad():
+            _, tokens = backbone(torch.zeros(1, 3, *size, device=device))
+    except Exception as e:
+        raise CheckpointError(f"{path}: the backbone does not give patch tokens ({type(e).__name__}: {e})") from e
+    if tokens is None or tokens.dim() != 3:
+        raise CheckpointError(f"{path}: the backbone does not give patch tokens (a ViT's (n, d) per image)")

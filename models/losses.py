@@ -62,11 +62,11 @@ class MaskedLMHead(torch.nn.Module):
         self._tied = [word_embeddings]  # shared, and kept out of this module's parameters and state
         self.bias = torch.nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """hidden (B, T, h) at the text positions, labels (B, T) with -100 where unmasked."""
         keep = labels != -100
         logits = self.transform(hidden[keep]) @ self._tied[0].weight.t() + self.bias
-        return F.cross_entropy(logits.float(), labels[keep])
+        return F.cross_entropy(logits.float(), labels[keep], reduction=reduction)
 
 
 def _present(labels: torch.Tensor):

@@ -55,11 +55,14 @@ class Mlm:
         self.by_class = by_class  # ``words`` then holds word classes: one whole class is masked per row
         self.union = tuple(union)  # with by_class: masking all these classes at once is one more choice
 
-    def loss(self, joint, ids, mask, words, tokens, gen=None):
+    def masks(self, ids, words, gen=None):
+        """(masked ids, labels: -100 where nothing is to be predicted) under this objective's rule."""
         if self.by_class:
-            masked, labels = mask_one_class(ids, words, self.mask_id, gen, self.union)
-        else:
-            masked, labels = mask_words(ids, words, self.mask_id, self.probability, gen)
+            return mask_one_class(ids, words, self.mask_id, gen, self.union)
+        return mask_words(ids, words, self.mask_id, self.probability, gen)
+
+    def loss(self, joint, ids, mask, words, tokens, gen=None):
+        masked, labels = self.masks(ids, words, gen)
         _, hidden = joint(masked, mask, tokens, return_hidden=True)
         return self.head.loss(hidden[:, :ids.shape[1]], labels)
 

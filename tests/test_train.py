@@ -7,6 +7,9 @@ import torch
 
 from models.checkpoint import load_joint_encoder, load_scorer, load_vision_encoder
 from pipeline import make_scenes, train
+from training.evaluation import warn_if_ungrounded
+from training.loop import cosine_schedule
+from training.scenes import neighbour_batches
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +59,14 @@ def test_short_training_run_lowers_the_loss_and_writes_a_usable_checkpoint(scene
 
 
 def test_the_schedule_decays_over_weighted_work_and_the_time_cap_only_takes_over_when_ahead():
-    assert train.cosine_schedule(0, 100, 10) == pytest.approx(0.1)
-    assert train.cosine_schedule(55, 100, 10) == pytest.approx(0.5)
-    assert train.cosine_schedule(100, 100, 10) == pytest.approx(0.0)
+    assert cosine_schedule(0, 100, 10) == pytest.approx(0.1)
+    assert cosine_schedule(55, 100, 10) == pytest.approx(0.5)
+    assert cosine_schedule(100, 100, 10) == pytest.approx(0.0)
     # MLM-only steps (the first 50) counting a quarter: by step 50 only 10 of 60 units of work are done
     work = lambda s: 0.25 * min(s, 50) + max(0, s - 50)
-    assert train.cosine_schedule(50, 100, 10, work=work) == pytest.approx(0.5 * (1 + np.cos(np.pi * 10 / 60)))
-    assert train.cosine_schedule(50, 100, 10, time_fraction=0.1, work=work) == train.cosine_schedule(50, 100, 10, work=work)
-    assert train.cosine_schedule(50, 100, 10, time_fraction=0.9, work=work) == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.9)))
+    assert cosine_schedule(50, 100, 10, work=work) == pytest.approx(0.5 * (1 + np.cos(np.pi * 10 / 60)))
+    assert cosine_schedule(50, 100, 10, time_fraction=0.1, work=work) == cosine_schedule(50, 100, 10, work=work)
+    assert cosine_schedule(50, 100, 10, time_fraction=0.9, work=work) == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.9)))
 
 
 def test_a_seeded_run_with_step_budgets_writes_the_same_checkpoint_twice(scenes, tmp_path):
@@ -151,7 +154,7 @@ def test_neighbour_batches_hold_whole_nearby_groups_each_once_per_epoch():
     cluster = torch.as_tensor(groups // 10)  # 5 clusters of 10 groups, far apart under the backbone
     emb = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
     emb[torch.arange(200), cluster] += 5
-    batches = train.neighbour_batches(np.arange(200), groups, emb, 16, np.random.default_rng(0))
+    batches = neighbour_batches(np.arange(200), groups, emb, 16, np.random.default_rng(0))
     epoch = [next(batches) for _ in range(12)]  # 12 full batches of 4 groups; 2 groups left over
     seen = np.concatenate(epoch)
     assert len(seen) == len(set(seen.tolist())) == 192
@@ -160,7 +163,7 @@ def test_neighbour_batches_hold_whole_nearby_groups_each_once_per_epoch():
     assert one_cluster >= 8  # random groups would share one cluster in ~1 batch in 100
     assert len(set(np.concatenate([next(batches) for _ in range(12)]).tolist())) == 192  # next epoch
     # share 0.5: the first half of a batch is one group and its nearest, the rest random groups
-    half = train.neighbour_batches(np.arange(200), groups, emb, 16, np.random.default_rng(0), share=0.5)
+    half = neighbour_batches(np.arange(200), groups, emb, 16, np.random.default_rng(0), share=0.5)
     epoch = [next(half) for _ in range(12)]
     assert len(set(np.concatenate(epoch).tolist())) == 192
     assert sum(len(set(cluster[b[:8]].tolist())) == 1 for b in epoch) >= 10
@@ -177,25 +180,27 @@ def test_fusion_adds_the_first_stage_cosine_inside_the_listwise_loss():
     joint = JointEncoder(JointEncoderConfig(bert_overrides={"num_hidden_layers": 1}, max_text_tokens=16))
     ids, mask = Tokenizer(joint.cfg)([f"caption number {i}" for i in range(b)])
     patch, emb = torch.randn(b, 16, 64), F.normalize(torch.randn(b, 32), dim=-1)
-    same = torch.zeros(b, b, dtype=torch.bool)
+    from training.batches import EdjeBatch
+    from training.objectives import EdjeObjective, Fusion
+    batch = EdjeBatch(patch, emb, emb, ids, mask, torch.full_like(ids, -1), torch.arange(b), torch.arange(b))
 
     def loss(fusion):  # a first stage that knows every pair: each caption's embedding is its image's
-        return train.edje_step(adapter, joint, patch, emb, emb, ids, mask, torch.arange(b), same, 2,
-                               torch.Generator().manual_seed(0), "cpu", fusion=fusion)[0]
+        return EdjeObjective(adapter, joint, fusion=fusion)(batch, 2, torch.Generator().manual_seed(0))[0]
     alone = loss(None)
-    assert loss(torch.tensor(50.0)) < 0.01 < 0.5 < alone  # the untrained joint encoder alone is near chance
-    w = torch.tensor(2.0, requires_grad=True)
-    fused = loss(w)
+    assert loss(Fusion(50.0)) < 0.01 < 0.5 < alone  # the untrained joint encoder alone is near chance
+    fusion = Fusion(2.0)
+    fused = loss(fusion)
     fused.backward()
+    w = fusion.weight
     assert fused < alone and w.grad < 0  # more weight on the (here perfect) first stage lowers the loss
 
 
 
 def test_mlm_phase_ending_with_ungrounded_object_words_is_warned(caplog):
     with caplog.at_level("WARNING", logger="train"):
-        assert train.warn_if_ungrounded({"objects": {"own": 64.0, "other": 40.0, "none": 35.0}}, 2000)
-        assert not train.warn_if_ungrounded({"objects": {"own": 84.5, "other": 40.0, "none": 35.0}}, 2000)
-        assert not train.warn_if_ungrounded({"colour": {"own": 10.0}}, 2000)  # no object-words rule: nothing to say
+        assert warn_if_ungrounded({"objects": {"own": 64.0, "other": 40.0, "none": 35.0}}, 2000)
+        assert not warn_if_ungrounded({"objects": {"own": 84.5, "other": 40.0, "none": 35.0}}, 2000)
+        assert not warn_if_ungrounded({"colour": {"own": 10.0}}, 2000)  # no object-words rule: nothing to say
     assert len(caplog.records) == 1 and "64.0%" in caplog.text and "--mlm_only_steps" in caplog.text
 
 
@@ -206,7 +211,7 @@ def test_reduced_edje_run_on_the_shipped_backbone_grounds_object_words(tmp_path)
     scenes = tmp_path / "scenes"
     make_scenes.main(["--split", "train", "--n", "800", "--seed", "5", "--output", str(scenes)])
     out = tmp_path / "run"
-    train.run(["--stage", "edje", "--backbone", "models/default", "--data", f"{scenes}/*.tar",
+    train.run(["--stage", "edje", "--loader", "memory", "--backbone", "models/default", "--data", f"{scenes}/*.tar",
                "--output", str(out), "--device", "cpu", "--seed", "0", "--val_fraction", "0.2",
                "--batch_size_edje", "32", "--joint_layers", "2", "--text_layers", "1", "--frozen_text_layers", "0",
                "--num_tokens", "16", "--max_text_tokens", "32", "--image_positions", "fixed", "--adapter_cells",
