@@ -315,8 +315,13 @@ class _CaptionTables:
         self.tokenizer, self.rule = tokenizer, rule
 
     def __call__(self, captions):
+        import torch.nn.functional as F
         from training.build import caption_tables
-        return caption_tables(self.tokenizer, captions, self.rule)
+        ids, mask, words = caption_tables(self.tokenizer, captions, self.rule)
+        # one width for every batch, so that processes can gather each other's (the loss trims it)
+        pad = self.tokenizer.max_tokens - ids.shape[1]
+        return (F.pad(ids, (0, pad), value=self.tokenizer.tok.pad_token_id), F.pad(mask, (0, pad)),
+                F.pad(words, (0, pad), value=-1))
 
 
 def main(argv=None):

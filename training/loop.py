@@ -130,6 +130,7 @@ def fit(trainer: Trainer, name: str, step_fn, eval_fn, every: int, modules, base
     world = trainer.world
     bar = tqdm(total=trainer.max_steps, initial=trainer.step, desc=name, dynamic_ncols=True, disable=not world.main)
     out_of_time = False
+    window = []  # the losses since the last evaluation: their mean is the curve to compare runs by
     while trainer.step < trainer.max_steps:
         trainer.set_lr(base_lrs)
         trainer.opt.zero_grad(set_to_none=True)
@@ -140,6 +141,7 @@ def fit(trainer: Trainer, name: str, step_fn, eval_fn, every: int, modules, base
                 (loss / accumulate if accumulate > 1 else loss).backward()
             values.append(value)
         value = sum(values) / len(values)
+        window.append(value)
         torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
         trainer.opt.step()
         trainer.step += 1
@@ -153,6 +155,8 @@ def fit(trainer: Trainer, name: str, step_fn, eval_fn, every: int, modules, base
             metric, record = eval_fn() if world.main else (None, None)
             if world.main:
                 record["loss"] = round(value, 4)
+                record["loss_mean"] = round(sum(window) / len(window), 4)
+            window = []
             if trainer.after_eval(metric, record, modules, counts=counts(trainer.step)) or out_of_time:
                 break
         elif save_every and trainer.step % save_every == 0:

@@ -15,8 +15,12 @@ from transforms.tar_samples import iter_samples
 
 
 def training_shards(pattern: str):
-    """The shards a --data pattern names (braces, globs, commas; local or object-store), sorted."""
-    return sorted({spec.source for spec in plan_shards(pattern).shards})
+    """The shards a --data pattern names (braces, globs, commas; local or object-store), sorted; a
+    named shard that does not exist is an error."""
+    plan = plan_shards(pattern)
+    if plan.missing:
+        raise SystemExit(f"error: {len(plan.missing)} shard(s) of {pattern} do not exist, e.g. {plan.missing[0]}")
+    return sorted({spec.source for spec in plan.shards})
 
 
 def load_scenes(pattern: str, transform, limit: int = 0):
