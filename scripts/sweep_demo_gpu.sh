@@ -27,7 +27,7 @@ wait
 variant() {  # name pool extra-args...
   local name=$1 pool=$2; shift 2
   mkdir -p "$W/run-$name" && cp -r "$W/clip-$pool/clip" "$W/run-$name/"
-  python3 -m pipeline.train --stage edje --output "$W/run-$name" --clip_pool $pool "${COMMON[@]}" "${EDJE[@]}" "$@" \
+  python3 -m pipeline.train --stage edje --loader memory --output "$W/run-$name" --clip_pool $pool "${COMMON[@]}" "${EDJE[@]}" "$@" \
     > "$W/run-$name.log" 2>&1
 }
 # Run 3 (BENCHMARKS.md) had tok/avg x m 16/32; avg pooling lost, the joint encoder stayed blind to
