@@ -21,7 +21,7 @@ import torch
 
 from models.checkpoint import load_vision_encoder
 from pipeline.make_scenes import COLORS
-from pipeline.train import load_scenes
+from training.scenes import load_scenes
 
 
 def probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0) -> float:
@@ -40,7 +40,7 @@ def probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0) -> fl
 
 
 def scene_graphs(pattern: str):
-    from pipeline.train import training_shards
+    from training.scenes import training_shards
     from schemas import storage
     from transforms.tar_samples import iter_samples
     graphs = {}

@@ -178,7 +178,7 @@ def test_a_second_writer_is_refused_and_the_store_stays_valid(s3):
 def test_make_scenes_writes_to_s3_and_training_reads_from_it(s3, tmp_path):
     """The same bytes as a local run; pipeline.train's loader reads the shards back from S3."""
     from pipeline import make_scenes
-    from pipeline.train import load_scenes
+    from training.scenes import load_scenes
     args = ["--split", "test", "--n", "8", "--seed", "5", "--per_shard", "4"]
     make_scenes.main([*args, "--output", str(tmp_path / "local")])
     make_scenes.main([*args, "--output", s3.url("scenes"), *s3.flags])
