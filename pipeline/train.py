@@ -72,6 +72,13 @@ def parse_args(argv):
                     help="with --loader stream: samples each worker holds to shuffle over (raw bytes)")
     ap.add_argument("--accumulate", type=int, default=1,
                     help="batches whose gradients add up in one optimizer step (negatives stay within a batch)")
+    ap.add_argument("--teacher", default=None,
+                    help="a trained checkpoint on the same backbone whose pair scores the joint encoder also "
+                         "learns (EDJE's distillation), e.g. one trained with --num_tokens equal to the "
+                         "backbone's patch count (no compression)")
+    ap.add_argument("--distill_weight", type=float, default=1.0,
+                    help="with --teacher: weight of the distillation term (binary cross-entropy of every "
+                         "scored pair's logit against the teacher's match probability)")
     ap.add_argument("--save_every", type=int, default=0,
                     help="> 0: also save the resumable state every this many steps between evaluations")
     ap.add_argument("--output", required=True, help="run directory; the checkpoint lands in OUTPUT/checkpoint")
@@ -195,6 +202,8 @@ def parse_args(argv):
         ap.error(f"--mlm_words {args.mlm_words} uses the scenes' word classes: use it with --loader memory")
     if args.val_data and args.loader != "stream":
         ap.error("--val_data is for --loader stream (the scenes validate on held-out scene groups)")
+    if args.teacher and args.stage != "edje" and args.stage != "all":
+        ap.error("--teacher is for the edje stage")
     if args.accumulate < 1 or args.workers < 0 or args.save_every < 0:
         ap.error("--accumulate must be >= 1, --workers and --save_every >= 0")
     if args.mlm_step_cost <= 0:

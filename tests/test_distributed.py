@@ -78,3 +78,32 @@ def test_two_gloo_processes_give_the_single_process_loss_and_gradients(tmp_path,
     assert set(two["grads"]) == set(single) and len(single) > 10
     for k, g in single.items():
         assert torch.allclose(two["grads"][k], g, rtol=1e-4, atol=1e-6), k
+
+
+def test_distillation_pulls_the_pair_scores_towards_the_teachers():
+    """EDJE's distillation term: BCE of each scored pair's logit against the teacher's probability;
+    a few steps on it alone bring the student's scores to the teacher's."""
+    from training.objectives import EdjeObjective
+    adapter, joint, _, _, batch = parts(seed=0)
+    t_adapter, t_joint, _, _, _ = parts(seed=5)  # another model of the same shape, frozen
+    for p in (*t_adapter.parameters(), *t_joint.parameters()):
+        p.requires_grad_(False)
+    objective = EdjeObjective(adapter, joint, teacher=(t_adapter.eval(), t_joint.eval()), distill_weight=20.0).eval()
+    plain = EdjeObjective(adapter, joint).eval()
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    with torch.no_grad():
+        gap = objective(batch, 0, gen())[0] - plain(batch, 0, gen())[0]
+    assert gap > 20 * 0.3  # BCE against soft targets: at least their entropy
+
+    def distance():
+        with torch.no_grad():
+            s = joint(batch.ids, batch.mask, adapter(batch.patch))
+            t = t_joint(batch.ids, batch.mask, t_adapter(batch.patch))
+        return (torch.sigmoid(s) - torch.sigmoid(t)).abs().mean().item()
+    before = distance()
+    opt = torch.optim.Adam([p for p in objective.parameters() if p.requires_grad], lr=2e-3)
+    for _ in range(12):  # mostly the distillation term (weight 20)
+        opt.zero_grad()
+        objective(batch, 0, gen())[0].backward()
+        opt.step()
+    assert distance() < 0.5 * before, (before, distance())

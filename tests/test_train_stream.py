@@ -134,3 +134,19 @@ def test_a_backbone_without_weights_is_refused_before_training(corpus, tmp_path,
         train.run(["--stage", "edje", "--data", f"{corpus}/train/*.tar", "--backbone", str(bare),
                    "--output", str(tmp_path / "run"), "--device", "cpu"])
     assert not (tmp_path / "run" / "edje").exists()
+
+
+def test_distillation_from_a_teacher_checkpoint_on_the_same_backbone(corpus, tmp_path):
+    """The backbone checkpoint is a whole (random) checkpoint: its adapter (16 tokens) and 6-layer
+    joint encoder serve as the teacher. A teacher on another backbone is refused before training."""
+    out = tmp_path / "run"
+    train.run(args(corpus, out, "--teacher", str(corpus / "backbone"), "--distill_weight", "0.5", "--workers", "0",
+                   "--max_text_tokens", "64",
+                   "--eval_every", "3", steps=3))
+    history = json.loads((out / "edje" / "history.json").read_text())
+    assert [r["step"] for r in history] == [3] and history[0]["loss"] > 0
+    other = tmp_path / "other"
+    make_default.main(["--output", str(other), "--seed", "1"])
+    with pytest.raises(SystemExit, match="its backbone is not --backbone's"):
+        train.run(args(corpus, tmp_path / "refused", "--teacher", str(other), "--max_text_tokens", "64", steps=2))
+    assert not (tmp_path / "refused" / "edje" / "history.json").exists()

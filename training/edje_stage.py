@@ -104,7 +104,9 @@ def train_edje(args, backbone, world: World, scenes=None, stream=None, held_out=
     m, cost = args.mlm_only_steps, args.mlm_step_cost
     trainer = Trainer(args, out, parts.params, args.lr_joint, args.max_steps_edje or args.max_steps,
                       work=lambda s: cost * min(s, m) + max(0, s - m), world=world)
-    objective = EdjeObjective(parts.adapter, parts.joint, parts.mlm, parts.fusion, args.sibling_negatives, world)
+    teacher = load_teacher(args.teacher, backbone, parts.joint_cfg, args.device) if args.teacher else None
+    objective = EdjeObjective(parts.adapter, parts.joint, parts.mlm, parts.fusion, args.sibling_negatives, world,
+                              teacher, args.distill_weight)
     model = objective
     if world.size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -149,6 +151,29 @@ def train_edje(args, backbone, world: World, scenes=None, stream=None, held_out=
                           counters=counters)
         trainer.finish("best_val_group_acc" if memory is not None else "best_val_t2i_r1", out_of_time)
     return _write_checkpoint(args, backbone, parts, out, world)
+
+
+def load_teacher(path, backbone, joint_cfg, device):
+    """(adapter, joint encoder) of a trained checkpoint on the same backbone, frozen; refused (before
+    training) when its tokens would come from other patch tokens or its captions from another tokenizer."""
+    from models.checkpoint import CheckpointError, load_joint_encoder, load_vision_encoder
+    try:
+        encoder, cfg, _ = load_vision_encoder(path, device)
+        joint, _, _, _ = load_joint_encoder(path, device)
+    except (CheckpointError, OSError) as e:
+        raise SystemExit(f"error: --teacher {path}: {e}") from None
+    mine, theirs = backbone.state_dict(), encoder.backbone.state_dict()
+    if cfg.backbone.to_dict() != backbone.cfg.to_dict() or mine.keys() != theirs.keys() or any(
+            not torch.allclose(mine[k].float(), theirs[k].float(), rtol=1e-3, atol=1e-3) for k in mine):  # (fp16-stored)
+        raise SystemExit(f"error: --teacher {path}: its backbone is not --backbone's, so its adapter would read "
+                         f"other patch tokens")
+    t = cfg.joint_encoder
+    if t.tokenizer_path() != joint_cfg.tokenizer_path() or \
+            t.max_text_tokens != joint_cfg.max_text_tokens:
+        raise SystemExit(f"error: --teacher {path}: its joint encoder reads captions with another tokenizer or "
+                         f"--max_text_tokens ({t.max_text_tokens})")
+    log.info("distilling from %s (%d image tokens per image)", path, cfg.adapter.num_tokens)
+    return encoder.adapter.eval(), joint.eval()
 
 
 def _nothing():

@@ -1,5 +1,6 @@
 """EDJE's objectives over a (possibly data-parallel) batch: listwise ITM in both directions with
-mined negatives, grounded MLM, and the learnt fusion with the first stage.
+mined negatives, grounded MLM, the learnt fusion with the first stage, and distillation from a
+teacher that reads more tokens.
 
 Across processes the global batch is what a single process would see: every rank gathers the
 others' adapter tokens (with gradients), first-stage embeddings and captions, mines the same
@@ -37,12 +38,16 @@ class EdjeObjective(nn.Module):
     batch; ``forward`` is what DDP wraps. ``mlm``: an ``models.mlm.Mlm`` (its head is registered
     here) or None; ``sibling_negatives``: a scene's variants (same group) are the first negatives."""
 
-    def __init__(self, adapter, joint, mlm=None, fusion=None, sibling_negatives=True, world: World = World()):
+    def __init__(self, adapter, joint, mlm=None, fusion=None, sibling_negatives=True, world: World = World(),
+                 teacher=None, distill_weight: float = 0.0):
         super().__init__()
         self.adapter, self.joint, self.fusion = adapter, joint, fusion
         self.mlm = mlm
         self.mlm_head = mlm.head if mlm is not None else None
         self.sibling_negatives, self.world = sibling_negatives, world
+        # (adapter, joint encoder) of a frozen teacher over the same patch tokens, e.g. one with no
+        # compression (m = n); a tuple, so that it is no submodule: DDP and the optimizer never see it
+        self.teacher, self.distill_weight = (tuple(teacher) if teacher is not None else None), distill_weight
 
     def forward(self, batch: EdjeBatch, hard: int, gen: torch.Generator, itm: bool = True, mlm_weight: float = 0.0):
         """-> (loss, (t2i accuracy, loss summed over the ranks' shares / ranks)). ``itm`` False:
@@ -99,11 +104,32 @@ class EdjeObjective(nn.Module):
             local = self.joint(ids, mask, all_tokens[img[mine]], text_index=cap[mine]).float()
             local = F.pad(local, (0, share - len(local)))
             logits = gather(local, w, grad=True)[:len(cap)]
+        distill = self._distill(batch, logits, ids, mask, cap, img) if self.teacher is not None else None
         if self.fusion is not None:
             logits = logits + self.fusion.weight * sim[cap, img]
         loss = listwise_itm_loss(logits, cap, img, b)
+        if distill is not None:
+            loss = loss + self.distill_weight * distill
         t2i = torch.full((b, b), float("-inf"), device=device).index_put((cap, img), logits.detach())
         return loss, (t2i.argmax(1) == rows).float().mean().item(), width
+
+    @torch.no_grad()
+    def _teacher_logits(self, batch: EdjeBatch, ids, mask, cap, img):
+        adapter, joint = self.teacher
+        w = self.world
+        tokens = gather(adapter(batch.patch), w)
+        if w.size == 1:
+            return joint(ids, mask, tokens[img], text_index=cap).float()
+        share = math.ceil(len(cap) / w.size)
+        mine = slice(w.rank * share, min(len(cap), (w.rank + 1) * share))
+        local = F.pad(joint(ids, mask, tokens[img[mine]], text_index=cap[mine]).float(), (0, share - (mine.stop - mine.start)))
+        return gather(local, w)[:len(cap)]
+
+    def _distill(self, batch: EdjeBatch, logits, ids, mask, cap, img):
+        """EDJE's distillation: every scored pair's logit (the joint encoder's own, before fusion)
+        against the teacher's match probability, by binary cross-entropy."""
+        target = torch.sigmoid(self._teacher_logits(batch, ids, mask, cap, img))
+        return F.binary_cross_entropy_with_logits(logits, target)
 
     def _mlm(self, batch: EdjeBatch, tokens, gen, width):
         """Captions with masked words read with their own image. Masks are drawn for the global
