@@ -233,7 +233,9 @@ def save_checkpoint(path, cfg: CheckpointConfig, modules: dict, dtype=None) -> s
     tmp = path / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp), metadata={"format": FORMAT})
     os.replace(tmp, path / WEIGHTS_FILE)
-    (path / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
+    tmp = path / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path / CONFIG_FILE)  # (a reader never sees half a config)
     return fingerprint(path)
 
 

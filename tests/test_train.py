@@ -225,3 +225,26 @@ def test_reduced_edje_run_on_the_shipped_backbone_grounds_object_words(tmp_path)
     assert last["colour"]["own"] > last["colour"]["other"] + 15, last
     # shape words follow (slower; at these 300 steps they have started)
     assert last["shape"]["own"] > first["shape"]["own"] and last["shape"]["own"] > last["shape"]["other"] + 5, last
+
+
+def test_accumulated_batches_step_once_with_their_mean_gradient(tmp_path):
+    """fit(accumulate=2): one optimizer step per two batches, on the mean of their gradients."""
+    import argparse
+    from training.loop import Trainer, fit
+    data = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, -1.0])]
+
+    def run(accumulate):
+        w = torch.nn.Parameter(torch.zeros(2))
+        opt_args = argparse.Namespace(weight_decay=0.0, warmup=0, patience=10)
+        trainer = Trainer(opt_args, tmp_path / f"a{accumulate}", [w], 0.1, max_steps=1)
+        trainer.opt = torch.optim.SGD([w], lr=0.1)
+        trainer.start_clock(1.0, True)
+        feed = iter(data)
+
+        def step(_):
+            x = next(feed) if accumulate > 1 else torch.stack(data).mean(0)
+            loss = (w * x).sum()
+            return loss, loss.item(), {}
+        fit(trainer, "t", step, lambda: (0.0, {}), 10, {"w": torch.nn.Linear(1, 1)}, [0.1], [w], accumulate=accumulate)
+        return w.detach()
+    assert torch.allclose(run(2), run(1)) and not torch.equal(run(1), torch.zeros(2))

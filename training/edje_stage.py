@@ -1,6 +1,7 @@
 """Stage ``edje``: the frozen backbone's patch tokens -> adapter + joint encoder, trained with
 listwise ITM in both directions (mined + random negatives), optional grounded MLM and fusion with
 the first stage; from the scenes in memory or from streamed shards, in one process or many."""
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -147,7 +148,7 @@ def train_edje(args, backbone, world: World, scenes=None, stream=None, held_out=
                           parts.base_lrs, [p for g in parts.params for p in g["params"]],
                           extra_evals={args.mlm_only_steps} if args.mlm_only_steps else set(),
                           counts=lambda s: has_val and s > args.mlm_only_steps, save_every=args.save_every,
-                          accumulate=args.accumulate, no_sync=getattr(model, "no_sync", None) or _nothing,
+                          accumulate=args.accumulate, no_sync=getattr(model, "no_sync", contextlib.nullcontext),
                           counters=counters)
         trainer.finish("best_val_group_acc" if memory is not None else "best_val_t2i_r1", out_of_time)
     return _write_checkpoint(args, backbone, parts, out, world)
@@ -174,11 +175,6 @@ def load_teacher(path, backbone, joint_cfg, device):
                          f"--max_text_tokens ({t.max_text_tokens})")
     log.info("distilling from %s (%d image tokens per image)", path, cfg.adapter.num_tokens)
     return encoder.adapter.eval(), joint.eval()
-
-
-def _nothing():
-    import contextlib
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()
