@@ -14,7 +14,7 @@ import pytest
 from pipeline import precompute
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("pipeline", "transforms", "models", "schemas")
+PACKAGES = ("pipeline", "transforms", "models", "schemas", "training")
 DEFAULT_CHECKPOINT_FILES = ("models/default/config.json", "models/default/model.safetensors")
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
            PYTHONWARNINGS="ignore::DeprecationWarning")
