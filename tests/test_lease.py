@@ -85,13 +85,22 @@ def test_an_unreadable_lease_counts_as_held(tmp_path):
         L.StoreLease(str(store), "second", settle=0.05).acquire()
 
 
+def lease_written(store) -> bool:
+    """The lease file exists and is complete (it is created empty, then written: pausing the first
+    job in between would leave the second an unreadable lease, refused with another message)."""
+    try:
+        return (store / "lease.json").read_text().rstrip().endswith("}")
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
 def test_a_second_precompute_is_refused_while_the_first_holds_the_store(demo_dir, tmp_path):
     store = tmp_path / "store"
     cmd = [sys.executable, "-m", "pipeline.precompute", *BEAM_LOCAL, "--input",
            f"{demo_dir}/{{00000..00002}}.tar", "--output", str(store)]
     second, code, err = second_while_first_paused(
-        cmd, lambda: (store / "lease.json").exists(),
+        cmd, lambda: lease_written(store),
         lambda: subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300), ROOT)
     assert second.returncode != 0 and "is being written by precompute" in second.stderr, second.stderr[-2000:]
     assert code == 0, err[-3000:]
