@@ -1,12 +1,13 @@
 """Held-out checks during and after training: scene-group accuracy, grounding per word class, and
 recall@k of the first stage vs reranked (through ``pipeline.evaluate``'s metric code)."""
+import collections
 import logging
 
 import numpy as np
 import torch
 
 from models.mlm import grounding_report
-from training.build import OBJECT_CLASSES, WORD_CLASSES, caption_tables
+from training.build import OBJECT_CLASSES, WORD_CLASSES
 from training.objectives import autocast
 
 log = logging.getLogger("train")
@@ -145,7 +146,6 @@ class HeldOut:
     those with the identical caption."""
 
     def __init__(self, pattern: str, transform, limit: int, top_k: int):
-        import collections
         from training.scenes import training_shards
         from training.stream import decode_sample, read_shard
         self.images, self.captions = [], []
