@@ -61,13 +61,18 @@ def total(value: float, world: World) -> float:
     return float(t.item())
 
 
+def broadcast(value: float, world: World) -> float:
+    """Rank 0's value (a clock reading, a decision), the same on every rank."""
+    if world.size == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=world.device)
+    dist.broadcast(t, 0)
+    return float(t.item())
+
+
 def broadcast_flag(flag: bool, world: World) -> bool:
     """Rank 0's decision (stop, out of time), the same on every rank."""
-    if world.size == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=world.device)
-    dist.broadcast(t, 0)
-    return bool(t.item())
+    return bool(broadcast(float(flag), world))
 
 
 def barrier(world: World) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from training.distributed import World, broadcast_flag
+from training.distributed import World, broadcast, broadcast_flag
 
 log = logging.getLogger("train")
 
@@ -79,7 +79,7 @@ class Trainer:
 
     def set_lr(self, base_lrs):
         time_fraction = (time.time() - self.started) / self.budget if self.timed else 0.0
-        time_fraction = _same(time_fraction, self.world)
+        time_fraction = broadcast(time_fraction, self.world)  # every rank, one rate
         f = cosine_schedule(self.step, self.max_steps, self.args.warmup, time_fraction, self.work)
         for group, base in zip(self.opt.param_groups, base_lrs):
             group["lr"] = base * f
@@ -174,15 +174,6 @@ def load_best(stage_dir: Path, modules, keys):
     for k in keys:
         modules[k].load_state_dict(best[k])
     return True
-
-
-def _same(value: float, world: World) -> float:
-    """Rank 0's value of a clock reading, so that every rank sets the same learning rate."""
-    if world.size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=world.device)
-    torch.distributed.broadcast(t, 0)
-    return float(t.item())
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from models.losses import hardest_negatives, listwise_itm_loss, random_negatives
 from training.batches import EdjeBatch
-from training.distributed import World, gather
+from training.distributed import World, gather, total
 
 
 class Fusion(nn.Module):
@@ -64,7 +64,7 @@ class EdjeObjective(nn.Module):
         return loss, (acc, self._reported(loss))
 
     def _reported(self, loss) -> float:
-        return loss.item() if self.world.size == 1 else _mean(loss.detach(), self.world)
+        return total(loss.item(), self.world) / self.world.size
 
     def _itm(self, batch: EdjeBatch, tokens, hard, gen):
         """The pairs scored are the positives, each caption's ``hard`` hardest images and each image's
@@ -146,8 +146,3 @@ class EdjeObjective(nn.Module):
         count = max(1, int((labels != -100).sum()))
         _, hidden = self.joint(masked[mine], batch.mask[:, :width], tokens, return_hidden=True)
         return self.mlm.head.loss(hidden[:, :width], labels[mine], reduction="sum") * (w.size / count)
-
-
-def _mean(t: torch.Tensor, world: World) -> float:
-    t = gather(t.reshape(1).float(), world)
-    return float(t.mean().item())
