@@ -1,6 +1,8 @@
 """EDJE: precomputed visual tokens + a compact joint encoder for image reranking."""
 from setuptools import find_packages, setup
 
+INT8 = ["onnxruntime>=1.20", "onnx>=1.17", "onnxscript>=0.5"]
+
 setup(
     name="edje",
     version="0.1.0",
@@ -37,8 +39,11 @@ setup(
         "s3": ["boto3>=1.26"],
         "gcs": ["google-cloud-storage>=2.14"],
         # The tests run real S3 (moto) and GCS (emulator) servers on loopback.
+        # --precision int8 on CPUs (models/int8.py): ONNX Runtime, plus onnx and onnxscript to build
+        # and export the graphs it runs.
+        "int8": INT8,
         "test": ["pytest>=8.0", "duckdb>=1.0", "polars>=1.0", "boto3>=1.26", "google-cloud-storage>=2.14",
-                 "moto[server]>=5.0", "gcp-storage-emulator>=2024.8.3"],
+                 "moto[server]>=5.0", "gcp-storage-emulator>=2024.8.3", *INT8],
         "dataflow": ["apache-beam[gcp]>=2.60"],
     },
 )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from safetensors.torch import load_file, save_file
+import torch
 from torch import nn
 
 from models.adapter import AdapterConfig, TokenCompressionAdapter
@@ -143,8 +144,10 @@ def _split(state, prefix):
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_vision_encoder(path=None, device="cpu"):
-    """Loads backbone + adapter from a checkpoint directory. Returns (encoder, config, fingerprint)."""
+def load_vision_encoder(path=None, device="cpu", precision="fp32"):
+    """Loads backbone + adapter from a checkpoint directory. Returns (encoder, config, fingerprint).
+    ``precision="int8"``: both in int8 on the CPU (``models.int8.Int8VisionEncoder``)."""
+    check_precision(precision, ("fp32", "int8"), device)
     path = resolve_dir(path)
     cfg = read_config(path)
     state = load_file(str(path / WEIGHTS_FILE))
@@ -165,7 +168,11 @@ def load_vision_encoder(path=None, device="cpu"):
     encoder = VisionEncoder(backbone, adapter).to(device).eval().float()
     for p in encoder.parameters():
         p.requires_grad_(False)
-    return encoder, cfg, fingerprint(path)
+    fp = fingerprint(path)
+    if precision == "int8":
+        from models.int8 import Int8VisionEncoder
+        encoder = Int8VisionEncoder(encoder, fp, torch.get_num_threads())
+    return encoder, cfg, fp
 
 
 def load_joint_encoder(path=None, device="cpu"):
@@ -191,16 +198,31 @@ def load_joint_encoder(path=None, device="cpu"):
     return model, Tokenizer(cfg.joint_encoder), cfg, fingerprint(path)
 
 
-def load_scorer(path=None, device="cpu"):
+def load_scorer(path=None, device="cpu", precision="fp32"):
     """``load_joint_encoder`` for inference: the same logits (within float rounding) from
     ``FastScorer``, the joint encoder in fused blocks (1.2-1.35x on a CPU, 1.12x eager / 1.33x
-    compiled on an H200; BENCHMARKS.md). Returns (scorer, tokenizer, config, fingerprint)."""
+    compiled on an H200; BENCHMARKS.md). ``precision="int8"``: its per-pair layers in int8 on the
+    CPU (``models.int8``, with torch's current thread count). Returns (scorer, tokenizer, config,
+    fingerprint)."""
     from models.fast_scorer import FastScorer
+    check_precision(precision, ("fp32", "int8"), device)
     joint, tokenizer, cfg, fp = load_joint_encoder(path, "cpu")
     scorer = FastScorer.from_joint_encoder(joint).to(device)
     for p in scorer.parameters():
         p.requires_grad_(False)
+    if precision == "int8":
+        from models.int8 import Int8JointScorer
+        scorer = Int8JointScorer(scorer, fp, torch.get_num_threads())
     return scorer, tokenizer, cfg, fp
+
+
+def check_precision(precision, allowed, device):
+    """A clear error for a precision this path lacks, or int8 where it cannot run."""
+    if precision not in allowed:
+        raise ValueError(f"precision must be one of {list(allowed)}, not {precision!r}")
+    if precision == "int8":
+        from models.int8 import require_int8
+        require_int8(device)
 
 
 def _load_checked(module, state, required, what):

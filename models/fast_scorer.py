@@ -72,6 +72,7 @@ class FastScorer(nn.Module):
             for _ in range(c.num_hidden_layers))
         self.pooler = nn.Linear(h, h)
         self.head = nn.Linear(h, 1)
+        self.hidden_act = c.hidden_act
         self.sep_id = c.sep_token_id if getattr(c, "sep_token_id", None) is not None else 102
         self.joint_cfg = None  # the JointEncoderConfig (image position ids); set by from_joint_encoder
 
@@ -100,13 +101,23 @@ class FastScorer(nn.Module):
         fast.head.load_state_dict(joint.head.state_dict())
         return fast.float().eval()
 
+    @property
+    def first_joint_layer(self) -> int:
+        """Index of the first layer that reads the image tokens (``text_layers``, else 0)."""
+        return self.joint_cfg.text_layers if self.joint_cfg is not None and self.joint_cfg.text_layers else 0
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 image_tokens: torch.Tensor, text_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids/attention_mask: (B, T) ``[CLS] text [SEP]`` right-padded; image_tokens (B, m, h).
         Returns logits (B,) float32, equal to ``JointEncoder.forward`` on the same inputs (and the
         same ``text_index``: pair i reads text ``text_index[i]``)."""
-        if self.joint_cfg is not None and self.joint_cfg.text_layers:
-            return self._forward_split(input_ids, attention_mask, image_tokens, text_index)
+        return self.joint(*self.joint_input(input_ids, attention_mask, image_tokens, text_index))
+
+    def joint_input(self, input_ids, attention_mask, image_tokens, text_index=None):
+        """Everything before the joint layers: -> (x (B, n, h), keep (B, n) bool, True = a real key).
+        The int8 path (``models.int8``) runs the joint layers elsewhere from this same input."""
+        if self.first_joint_layer:
+            return self._split_input(input_ids, attention_mask, image_tokens, text_index)
         if text_index is not None:
             input_ids, attention_mask = input_ids[text_index], attention_mask[text_index]
         b, t = input_ids.shape
@@ -127,26 +138,25 @@ class FastScorer(nn.Module):
             pos = torch.arange(n, device=input_ids.device)[None].expand(b, -1)
             position = self.position(image_position_ids(pos, text_len[:, 0], self.joint_cfg))
         x = x + self.token_type((rel >= 0).long()) + position  # HF's order; type 1: image, [SEP]
-        x = self.ln(x)
-        keep = (rel <= m)[:, None, None, :]  # text, image tokens and the closing [SEP]
-        for i, layer in enumerate(self.layers):
-            x = layer(x, keep, cls_only=i == len(self.layers) - 1)
-        return self.head(torch.tanh(self.pooler(x[:, 0]))).squeeze(-1).float()
+        return self.ln(x), rel <= m  # keys: text, image tokens and the closing [SEP]
 
-    def _forward_split(self, input_ids, attention_mask, image_tokens, text_index):
+    def _split_input(self, input_ids, attention_mask, image_tokens, text_index):
         """Text-only lower layers once per text, then text states + image tokens (JointEncoder's split)."""
-        k = self.joint_cfg.text_layers
         t = input_ids.shape[1]
         x = self.word(input_ids) + self.token_type(torch.zeros_like(input_ids)) + self.position.weight[:t]
         x = self.ln(x)
-        for layer in self.layers[:k]:
+        for layer in self.layers[:self.first_joint_layer]:
             x = layer(x, attention_mask.bool()[:, None, None, :])
         if text_index is not None:
             x, attention_mask = x[text_index], attention_mask[text_index]
         x = torch.cat([x, image_tokens.to(x.dtype)], 1)
         keep = torch.cat([attention_mask.bool(), attention_mask.new_ones(image_tokens.shape[:2], dtype=torch.bool)], 1)
+        return x, keep
+
+    def joint(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The joint layers, pooler and head on ``joint_input``'s output -> logits (B,) float32."""
         keep = keep[:, None, None, :]
-        top = self.layers[k:]
+        top = self.layers[self.first_joint_layer:]
         for i, layer in enumerate(top):
             x = layer(x, keep, cls_only=i == len(top) - 1)
         return self.head(torch.tanh(self.pooler(x[:, 0]))).squeeze(-1).float()

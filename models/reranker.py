@@ -5,6 +5,7 @@
     rr.rank("a red circle left of a blue square", ["000000001", "000000002"], top_k=10)
     # -> [{"image_id": ..., "score": ..., "rank": 1}, ...]  (like CrossEncoder.rank)
     rr.score([("a red circle", "000000001"), ...])   # -> numpy array of logits
+    Reranker("STORE", precision="int8")         # the joint encoder in int8 on the CPU (models.int8)
     Reranker("s3://bucket/store", filesystem_options={"s3_endpoint_url": "http://...",
              "s3_access_key_id": ..., "s3_secret_access_key": ..., "s3_region_name": ...})
 
@@ -25,11 +26,11 @@ from schemas.reader import TokenStore
 
 class Reranker:
     def __init__(self, store, checkpoint=None, device: str = "cpu", batch_size: int = 64,
-                 torch_threads: Optional[int] = None, filesystem_options=None):
+                 torch_threads: Optional[int] = None, filesystem_options=None, precision: str = "fp32"):
         self.store = store if isinstance(store, TokenStore) else TokenStore(store, filesystem_options)
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.model, self.tokenizer, self.config, fingerprint = load_scorer(checkpoint, device)
+        self.model, self.tokenizer, self.config, fingerprint = load_scorer(checkpoint, device, precision)
         self.store.require_fingerprint(fingerprint)
         self.device, self.batch_size = device, batch_size
         self.checkpoint = checkpoint

@@ -149,3 +149,13 @@ def job_main(run, argv=None, show=None):
     summary = run(argv)
     if summary is not None:
         (show or (lambda s: print(json.dumps(s))))(summary)
+
+
+def require_precision(precision: str, device: str) -> None:
+    """Refuses int8 at the start of a job, with what to do, where it cannot run (models.int8)."""
+    if precision == "int8":
+        from models.int8 import Int8Unavailable, require_int8
+        try:
+            require_int8(device)
+        except Int8Unavailable as e:
+            raise SystemExit(f"error: {e}") from None

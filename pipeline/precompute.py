@@ -16,7 +16,8 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline._cli import BeamJobCLI, add_flag, beam_counters, finish, job_main, run_pipeline, show_progress
+from pipeline._cli import (BeamJobCLI, add_flag, beam_counters, finish, job_main, require_precision, run_pipeline,
+                           show_progress)
 from models.checkpoint import embedding_dim, fingerprint, read_config
 from models.quantization import CLI_NAMES, UnknownSchemeError, scheme_for_cli
 from schemas import columns as C
@@ -53,7 +54,8 @@ class PrecomputeOptions(PipelineOptions):
                                  "stored bytes depend on it but never on workers or bundling")
         add_flag(parser, "--device", default="cpu", help="cpu, cuda or cuda:N")
         add_flag(parser, "--precision", default="fp32", choices=sorted(PRECISIONS),
-                            help="autocast precision of the forward pass")
+                            help="the forward pass: fp32, bf16/fp16 (torch autocast), or int8 (CPU, ONNX "
+                                 "Runtime, the edje[int8] extra; token cosine >= 0.999 to fp32's, BENCHMARKS.md)")
         add_flag(parser, "--decode", default="pil", choices=list(DECODERS),
                  help="image decoder: pil (PIL + open_clip's transform, one image at a time on the CPU), or "
                       "torchvision (JPEGs decoded in batches with torchvision.io.decode_jpeg on --device, "
@@ -175,6 +177,7 @@ def run(argv=None, test_pipeline=None):
         scheme = scheme_for_cli(opts.quantization)
     except UnknownSchemeError as e:
         CLI.error(f"--quantization: {e}")
+    require_precision(opts.precision, opts.device)
     started = time.time()
     store = opts.output.rstrip("/")
 

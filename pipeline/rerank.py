@@ -17,7 +17,8 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline._cli import BeamJobCLI, add_flag, finish, job_main, open_store_for, run_pipeline, show_progress
+from pipeline._cli import (BeamJobCLI, add_flag, finish, job_main, open_store_for, require_precision, run_pipeline,
+                           show_progress)
 from schemas.scores import scores_schema
 from transforms.joint_handler import JointScorerHandler
 from transforms.rank_scores import FUSIONS, RankScores, resolve_fusion
@@ -54,6 +55,9 @@ class RerankOptions(PipelineOptions):
         add_flag(parser, "--batch_size", type=int, default=64, help="pairs per joint-encoder forward")
         add_flag(parser, "--device", default="cpu", help="cpu, cuda or cuda:N")
         add_flag(parser, "--torch_threads", type=int, default=1, help="torch intra-op threads per worker")
+        add_flag(parser, "--precision", default="fp32", choices=["fp32", "int8"],
+                 help="joint encoder: fp32, or int8 on the CPU (ONNX Runtime, the edje[int8] extra): "
+                      "1.5-1.7x the pairs/s, scores with Spearman >= 0.999 to fp32's (BENCHMARKS.md)")
         add_flag(parser, "--progress", default="auto", choices=["auto", "on", "off"],
                  help="tqdm progress bar over the pairs scored, with ETA (auto: on for local runners)")
 
@@ -72,6 +76,7 @@ def run(argv=None, test_pipeline=None):
     joint_cfg = read_config(opts.checkpoint).joint_encoder
     if joint_cfg is None:
         raise SystemExit("error: the checkpoint has no joint encoder")
+    require_precision(opts.precision, opts.device)
     fusion, fusion_weight = resolve_fusion(opts.fusion, opts.fusion_weight, joint_cfg.fusion_weight)
     store = open_store_for(opts.store, opts.checkpoint)
     started = time.time()
@@ -79,7 +84,7 @@ def run(argv=None, test_pipeline=None):
     failures_path = opts.failures or failures_path_for(opts.output)
     remove_stale(opts.output, failures_path)
     handler = JointScorerHandler(str(opts.checkpoint) if opts.checkpoint else None, opts.device,
-                                 opts.torch_threads, opts.batch_size)
+                                 opts.torch_threads, opts.batch_size, opts.precision)
 
     progress = (ProgressBar(count_candidates(opts.queries), "pair", "rerank")
                 if show_progress(opts.progress, options) else None)

@@ -21,6 +21,7 @@ def contained_tempdir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("tmp"))
     saved = os.environ.get("TMPDIR"), tempfile.tempdir
     os.environ["TMPDIR"], tempfile.tempdir = d, d
+    os.environ.setdefault("EDJE_CACHE_DIR", os.path.join(d, "edje-cache"))  # int8 graphs, not in ~/.cache
     yield d
     if saved[0] is None:
         os.environ.pop("TMPDIR", None)

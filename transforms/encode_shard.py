@@ -111,7 +111,7 @@ class EncodeShardFn(beam.DoFn):
         c = self.cfg
         self._handler = VisionModelHandler(c.checkpoint, c.device, c.precision, c.torch_threads, c.batch_size)
         self._model = self._shared.acquire(self._handler.load_model,
-                                           tag=f"{c.fingerprint}/{c.device}/{c.torch_threads}")
+                                           tag=f"{c.fingerprint}/{c.device}/{c.torch_threads}/{c.precision}")
         self._transform = self._model.backbone.image_transform()
         if c.decode not in DECODERS:
             raise ValueError(f"decode must be one of {DECODERS}, not {c.decode!r}")

@@ -19,15 +19,16 @@ class JointScorerHandler(ModelHandler[Pair, float, Any]):
     """Loads the checkpoint's joint encoder once per worker; scores batches of pairs."""
 
     def __init__(self, checkpoint: Optional[str], device: str = "cpu", torch_threads: int = 1,
-                 batch_size: int = 64):
+                 batch_size: int = 64, precision: str = "fp32"):
         super().__init__()
         self.checkpoint, self.device = checkpoint, device
         self.torch_threads, self.batch_size = torch_threads, batch_size
+        self.precision = precision  # fp32, or int8 (CPU, models.int8)
 
     def load_model(self):
         torch.set_num_threads(self.torch_threads)
-        model, tokenizer, _, fingerprint = load_scorer(self.checkpoint, resolve_device(self.device))
-        log.info("loaded joint encoder %s on %s", fingerprint[:12], self.device)
+        model, tokenizer, _, fingerprint = load_scorer(self.checkpoint, resolve_device(self.device), self.precision)
+        log.info("loaded joint encoder %s on %s (%s)", fingerprint[:12], self.device, self.precision)
         model.tokenizer = tokenizer  # one object: Beam's model sharing keeps a weak reference to it
         return model
 

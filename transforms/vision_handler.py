@@ -10,7 +10,8 @@ from models.checkpoint import VisionEncoder, load_vision_encoder
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp32/bf16/fp16: torch autocast of the forward; int8: ONNX Runtime on the CPU (models.int8)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
 
 
 class EncodedImage(NamedTuple):
@@ -46,8 +47,9 @@ class VisionModelHandler(ModelHandler[torch.Tensor, EncodedImage, VisionEncoder]
 
     def load_model(self) -> VisionEncoder:
         torch.set_num_threads(self.torch_threads)
-        encoder, _, fingerprint = load_vision_encoder(self.checkpoint, resolve_device(self.device))
-        log.info("loaded vision encoder %s on %s", fingerprint[:12], self.device)
+        encoder, _, fingerprint = load_vision_encoder(self.checkpoint, resolve_device(self.device),
+                                                      "int8" if self.precision == "int8" else "fp32")
+        log.info("loaded vision encoder %s on %s (%s)", fingerprint[:12], self.device, self.precision)
         return encoder
 
     def run_inference(self, batch: Sequence[torch.Tensor], model: VisionEncoder,
