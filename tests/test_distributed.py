@@ -77,7 +77,10 @@ def test_two_gloo_processes_give_the_single_process_loss_and_gradients(tmp_path,
     assert two["loss"] == pytest.approx(single_loss, rel=1e-5)
     assert set(two["grads"]) == set(single) and len(single) > 10
     for k, g in single.items():
-        assert torch.allclose(two["grads"][k], g, rtol=1e-4, atol=1e-6), k
+        # against each tensor's own scale: summed over many positions in another order (two ranks,
+        # then the all-reduce), small entries of a big-gradient tensor differ by ~1e-5 of its max;
+        # tensors whose gradient is 0 but for rounding (1e-12) meet the 1e-6 floor
+        assert (two["grads"][k] - g).abs().max() <= 1e-4 * g.abs().max() + 1e-6, k
 
 
 def test_distillation_pulls_the_pair_scores_towards_the_teachers():
