@@ -4,20 +4,22 @@ Chosen by measurement (BENCHMARKS.md, "Issue 15"): on this project's AVX2 CPUs O
 dynamic int8 kernels beat PyTorch's (``torch.ao`` ``quantize_dynamic``, deprecated, and torchao's
 int8 config, which has no fast eager CPU kernel) in speed and fidelity alike.
 
-* Joint encoder: the per-pair layers (the ones that read image tokens) are written as an ONNX graph
-  of ONNX Runtime's fused transformer ops (``Attention``, ``SkipLayerNormalization``, ``BiasGelu``),
-  from ``FastScorer``'s weights, and quantized: int8 weights (one scale per output channel) and
-  int8 activations (one scale per tensor, computed on the fly). Embeddings, the packing and the
-  text-only layers (``text_layers``: once per query text, not per pair) stay fp32 in torch.
-* Vision encoder (backbone + adapter): exported with ``torch.onnx.export`` and quantized the same
-  way (every MatMul with constant weights).
+* Joint encoder: the per-pair layers (the ones that read image tokens) are written, from
+  ``FastScorer``'s weights, as an ONNX graph of MatMulInteger and ONNX Runtime's fused ops
+  (``MultiHeadAttention``, ``SkipLayerNormalization``, ``BiasGelu``): int8 weights (one scale per
+  output channel) and uint8 activations over each pair's own range (``_Graph.linear_int8``), so the
+  batch does not set a pair's quantization. Embeddings, the packing and the text-only layers
+  (``text_layers``: once per query text, not per pair) stay fp32 in torch.
+* Vision encoder (backbone + adapter): exported with ``torch.onnx.export`` and quantized by ONNX
+  Runtime's ``quantize_dynamic`` (every MatMul with constant weights; one activation scale per
+  tensor, i.e. per batch).
 
-Weights are 7-bit (``reduce_range``): x86 AVX2 without VNNI adds int8 products in int16, which
-saturates with full-range weights (token cosine 0.89 vs 0.9996 on a ViT-S here).
+Weights are 7-bit in both: x86 AVX2 without VNNI adds int8 products in int16, which saturates with
+full-range weights (token cosine 0.89 vs 0.9996 on a ViT-S here).
 
-Quantized graphs are cached under ``$EDJE_CACHE_DIR`` (default ``~/.cache/edje``), keyed by the
-checkpoint fingerprint and the library versions, written atomically: a Beam worker pool builds
-each graph once per machine, not once per process.
+Graphs are cached under ``$EDJE_CACHE_DIR`` (default ``~/.cache/edje/int8``), keyed by the
+checkpoint fingerprint, this file and the library versions, written atomically: a Beam worker pool
+builds each graph once per machine, not once per process.
 """
 import contextlib
 import hashlib
@@ -157,6 +159,13 @@ class _Graph:
                                                 domain="com.microsoft" if ms else "", **attrs))
         return output
 
+    def linear(self, x, linear, p, int8=True):
+        """``linear(x)`` as (y without bias, bias): int8 (``linear_int8``), or a float MatMul (the
+        last layer's [CLS]-only tail, one row per pair, where int8 would buy nothing)."""
+        if int8:
+            return self.linear_int8(x, linear, p)
+        return self.node("MatMul", [x, self.weight(p + ".w", linear.weight.T)], p), self.weight(p + ".b", linear.bias)
+
     def linear_int8(self, x, linear, p, rows="rows"):
         """``linear(x)`` with int8 weights (per output channel) and uint8 activations over each pair's
         own range (one scale and zero point per pair, i.e. per (n, K) input of one sequence): a pair's
@@ -201,7 +210,7 @@ def joint_graph(fast):
     g.const("zero_f", np.array(0, np.float32))
     g.const("b11", np.array([-1, 1, 1], np.int64))
     g.const("zero", np.array(0, np.int64))
-    g.const("one", np.array([0], np.int64))
+    g.const("start", np.array([0], np.int64))
     g.const("flat", np.array([-1], np.int64))
     g.node("Unsqueeze", [g.node("Cast", ["mask"], "mask.float", to=1), g.const("last_axis", np.array([-1], np.int64))],
            "rows")
@@ -215,32 +224,20 @@ def joint_graph(fast):
         g.nodes.append(g.helper.make_node("Split", [qkv], [p + ".q", p + ".k", p + ".v"], name=p + ".split", axis=2))
         q, skip = p + ".q", x
         if last:  # only [CLS] is read after the last layer
-            q = g.node("Slice", [q, "one", g.const(p + ".end", np.array([1], np.int64)), g.const(p + ".ax", np.array([1], np.int64))], p + ".q.cls")
-            skip = g.node("Slice", [x, "one", p + ".end", p + ".ax"], p + ".x.cls")
+            q = g.node("Slice", [q, "start", g.const(p + ".end", np.array([1], np.int64)), g.const(p + ".ax", np.array([1], np.int64))], p + ".q.cls")
+            skip = g.node("Slice", [x, "start", p + ".end", p + ".ax"], p + ".x.cls")
         att = g.node("MultiHeadAttention", [q, p + ".k", p + ".v", "", "mask"], p + ".attention", ms=True,
                      num_heads=layer.heads)
-        if last:
-            out = g.node("MatMul", [att, g.weight(p + ".out.w", layer.out.weight.T)], p + ".out")
-            out_b = g.weight(p + ".out.b", layer.out.bias)
-        else:
-            out, out_b = g.linear_int8(att, layer.out, p + ".out")
+        out, out_b = g.linear(att, layer.out, p + ".out", int8=not last)
         x1 = g.node("SkipLayerNormalization", [out, skip, g.weight(p + ".ln1.g", layer.ln1.weight),
                                                g.weight(p + ".ln1.b", layer.ln1.bias), out_b],
                     p + ".ln1", ms=True, epsilon=layer.ln1.eps)
-        if last:
-            f1 = g.node("MatMul", [x1, g.weight(p + ".fc1.w", layer.fc1.weight.T)], p + ".fc1")
-            f1_b = g.weight(p + ".fc1.b", layer.fc1.bias)
-        else:
-            f1, f1_b = g.linear_int8(x1, layer.fc1, p + ".fc1")
+        f1, f1_b = g.linear(x1, layer.fc1, p + ".fc1", int8=not last)
         if act_name == "relu":
             a = g.node("Relu", [g.node("Add", [f1, f1_b], p + ".fc1.biased")], p + ".act")
         else:
             a = g.node(ACTIVATIONS[act_name], [f1, f1_b], p + ".act", ms=True)
-        if last:
-            f2 = g.node("MatMul", [a, g.weight(p + ".fc2.w", layer.fc2.weight.T)], p + ".fc2")
-            f2_b = g.weight(p + ".fc2.b", layer.fc2.bias)
-        else:
-            f2, f2_b = g.linear_int8(a, layer.fc2, p + ".fc2")
+        f2, f2_b = g.linear(a, layer.fc2, p + ".fc2", int8=not last)
         x = g.node("SkipLayerNormalization", [f2, x1, g.weight(p + ".ln2.g", layer.ln2.weight),
                                               g.weight(p + ".ln2.b", layer.ln2.bias), f2_b],
                    p + ".ln2", ms=True, epsilon=layer.ln2.eps)

@@ -57,7 +57,8 @@ class RerankOptions(PipelineOptions):
         add_flag(parser, "--torch_threads", type=int, default=1, help="torch intra-op threads per worker")
         add_flag(parser, "--precision", default="fp32", choices=["fp32", "int8"],
                  help="joint encoder: fp32, or int8 on the CPU (ONNX Runtime, the edje[int8] extra): "
-                      "1.5-1.7x the pairs/s, scores with Spearman >= 0.999 to fp32's (BENCHMARKS.md)")
+                      "1.1-1.2x the pairs/s on an AVX2 CPU without VNNI, scores with Spearman >= 0.999 to "
+                      "fp32's (README: int8 on CPUs)")
         add_flag(parser, "--progress", default="auto", choices=["auto", "on", "off"],
                  help="tqdm progress bar over the pairs scored, with ETA (auto: on for local runners)")
 
