@@ -145,13 +145,19 @@ class FastScorer(nn.Module):
         t = input_ids.shape[1]
         x = self.word(input_ids) + self.token_type(torch.zeros_like(input_ids)) + self.position.weight[:t]
         x = self.ln(x)
-        for layer in self.layers[:self.first_joint_layer]:
-            x = layer(x, attention_mask.bool()[:, None, None, :])
+        keep = attention_mask.bool()[:, None, None, :]
+        # each text alone: a GEMM's rounding for one text may depend on how many rows share it
+        x = torch.cat([self._text_layers(x[u:u + 1], keep[u:u + 1]) for u in range(len(x))])
         if text_index is not None:
             x, attention_mask = x[text_index], attention_mask[text_index]
         x = torch.cat([x, image_tokens.to(x.dtype)], 1)
         keep = torch.cat([attention_mask.bool(), attention_mask.new_ones(image_tokens.shape[:2], dtype=torch.bool)], 1)
         return x, keep
+
+    def _text_layers(self, x, keep):
+        for layer in self.layers[:self.first_joint_layer]:
+            x = layer(x, keep)
+        return x
 
     def joint(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """The joint layers, pooler and head on ``joint_input``'s output -> logits (B,) float32."""

@@ -255,6 +255,20 @@ def joint_graph(fast):
     return H.make_model(graph, opset_imports=[H.make_opsetid("", 17), H.make_opsetid("com.microsoft", 1)])
 
 
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread inside: the float input of the int8 layers must not depend on the
+    caller's thread count, or an activation can cross a quantization step (BENCHMARKS.md)."""
+    threads = torch.get_num_threads()
+    if threads != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads != 1:
+            torch.set_num_threads(threads)
+
+
 class Int8JointScorer:
     """``FastScorer``'s interface (``scorer(input_ids, attention_mask, image_tokens, text_index)`` ->
     logits (B,) float32), with the joint layers in int8 on ONNX Runtime."""
@@ -269,7 +283,8 @@ class Int8JointScorer:
 
     @torch.inference_mode()
     def __call__(self, input_ids, attention_mask, image_tokens, text_index=None) -> torch.Tensor:
-        x, keep = self.fast.joint_input(input_ids, attention_mask, image_tokens.float(), text_index)
+        with one_thread():  # a float GEMM's rounding depends on its thread count (MKL at small M)
+            x, keep = self.fast.joint_input(input_ids, attention_mask, image_tokens.float(), text_index)
         out = self.session.run(None, {"x": x.contiguous().numpy(), "mask": keep.to(torch.int32).numpy()})[0]
         return torch.from_numpy(out)
 

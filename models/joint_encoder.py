@@ -3,7 +3,8 @@
 The ``<img>`` embeddings are the stored (dequantized) adapter tokens; text positions have token
 type 0, image positions and the closing [SEP] type 1. Each row is packed without inner padding
 (text, then its image tokens, then padding at the end), so a pair's score does not depend on
-the other texts in its batch. The pooler output feeds a linear head: one logit per pair.
+the other texts in its batch; ``score_batch`` goes further and runs each text length on its own,
+so that no row is padded at all. The pooler output feeds a linear head: one logit per pair.
 
 ``text_layers`` = k > 0 splits the layers: the first k read the text alone (``[CLS] text [SEP]``,
 BERT's own embeddings), and the image tokens join only for the rest, entering as they are (no
@@ -241,10 +242,26 @@ class Tokenizer:
 def score_batch(model: nn.Module, tokenizer: Tokenizer, texts: List[str], image_tokens: np.ndarray,
                 device: str = "cpu") -> np.ndarray:
     """Logits for pairs (texts[i], image_tokens[i]); image_tokens float32 (B, m, h). Each distinct
-    text is tokenized (and with ``text_layers``, encoded) once: a rerank batch is mostly one query."""
+    text is tokenized (and with ``text_layers``, encoded) once: a rerank batch is mostly one query.
+
+    The pairs run in groups of one text length, so no sequence is padded: every input a kernel
+    sees for a pair is the same whatever else is in the batch. That is what keeps a pair's int8
+    score independent of its batch: a float difference of 1e-6 upstream can move an activation
+    across a quantization step, and the logit by 1e-2 (BENCHMARKS.md, "One score per pair")."""
     unique = list(dict.fromkeys(texts))
     ids, mask = tokenizer(unique)
+    lengths = mask.sum(1).tolist()
     position = {t: i for i, t in enumerate(unique)}
-    text_index = torch.tensor([position[t] for t in texts], device=device)
     tokens = torch.from_numpy(np.ascontiguousarray(image_tokens, dtype=np.float32))
-    return model(ids.to(device), mask.to(device), tokens.to(device), text_index=text_index).cpu().numpy()
+    groups = {}
+    for i, text in enumerate(texts):
+        groups.setdefault(lengths[position[text]], []).append(i)
+    out = np.empty(len(texts), np.float32)
+    for length, members in groups.items():
+        own = list(dict.fromkeys(position[texts[i]] for i in members))  # this group's texts
+        local = {u: k for k, u in enumerate(own)}
+        text_index = torch.tensor([local[position[texts[i]]] for i in members], device=device)
+        logits = model(ids[own, :length].to(device), mask[own, :length].to(device),
+                       tokens[members].to(device), text_index=text_index)
+        out[members] = logits.float().cpu().numpy()
+    return out

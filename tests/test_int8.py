@@ -34,9 +34,9 @@ def test_int8_rerank_job_equals_the_api_and_ranks_like_fp32(scored_int8, demo_st
     text = {q["query_id"]: q["text"] for q in queries[1]}
     pairs = [(text[r["query_id"]], r["image_id"]) for r in rows]
     api8 = Reranker(demo_store[0], precision="int8").score(pairs)
-    # The activation ranges are per pair, so the batch does not set them; float noise (~1e-6) from
-    # the batch's padding can still move a value across one int8 step (BENCHMARKS.md: <= 2.5e-3)
-    assert np.allclose(api8, [r["score"] for r in rows], atol=5e-3)
+    # A pair's int8 input is the same bytes in every batch (score_batch: no padding, each text alone,
+    # one thread), so job and API agree to float noise, not to one quantization step (~1e-2)
+    assert np.allclose(api8, [r["score"] for r in rows], atol=1e-4)
     fp32 = Reranker(demo_store[0]).score(pairs)
     assert not np.allclose(fp32, api8, atol=1e-6)  # int8 really ran
     assert spearman(api8, fp32) >= 0.99

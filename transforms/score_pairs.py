@@ -20,9 +20,9 @@ ROWS_PER_READ = 2048
 
 
 def batch_order(request):
-    """Pairs are scored in this order: same text together, similar lengths together (less padding
-    at the end of rows). A pair's score does not depend on its batch (rows are packed without inner
-    padding), so this changes speed only; the key is total, so batches are deterministic."""
+    """Pairs are scored in this order: same text together, similar lengths together (score_batch
+    splits a batch by text length). A pair's score does not depend on its batch, so this changes
+    speed only; the key is total, so batches are deterministic."""
     return len(request.text), request.text, request.query_id, request.image_id
 
 
