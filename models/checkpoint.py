@@ -19,6 +19,7 @@ from torch import nn
 from models.adapter import AdapterConfig, TokenCompressionAdapter
 from models.backbone import Backbone, BackboneConfig, load_state_file
 from models.joint_encoder import JointEncoder, JointEncoderConfig, Tokenizer, base_weights_sha256, file_sha256
+from models.precision import AutocastScorer, require
 
 FORMAT = "edje-checkpoint"
 VERSION = 1
@@ -136,7 +137,7 @@ class VisionEncoder(nn.Module):
         self.adapter = adapter
 
     def forward(self, images):
-        embedding, patch_tokens = self.backbone(images)
+        embedding, patch_tokens = self.backbone(images.to(self.adapter.queries.dtype))  # a bf16 copy takes bf16
         return self.adapter(patch_tokens), embedding
 
 
@@ -146,8 +147,10 @@ def _split(state, prefix):
 
 def load_vision_encoder(path=None, device="cpu", precision="fp32"):
     """Loads backbone + adapter from a checkpoint directory. Returns (encoder, config, fingerprint).
-    ``precision="int8"``: both in int8 on the CPU (``models.int8.Int8VisionEncoder``)."""
-    check_precision(precision, ("fp32", "int8"), device)
+    ``precision="int8"``: both in int8 on the CPU (``models.int8.Int8VisionEncoder``); ``"bf16"`` on
+    the CPU: both cast to bfloat16 (1.8x fp32's img/s where autocast gave 1.1x: BENCHMARKS.md, "CPU
+    precisions"); on a GPU bf16 and fp16 are autocast by the caller (``VisionModelHandler``)."""
+    require(precision, device, gpu_precisions=("fp32", "bf16", "fp16"))
     path = resolve_dir(path)
     cfg = read_config(path)
     state = load_file(str(path / WEIGHTS_FILE))
@@ -169,6 +172,8 @@ def load_vision_encoder(path=None, device="cpu", precision="fp32"):
     for p in encoder.parameters():
         p.requires_grad_(False)
     fp = fingerprint(path)
+    if precision == "bf16" and device == "cpu":
+        encoder = encoder.to(torch.bfloat16)
     if precision == "int8":
         from models.int8 import Int8VisionEncoder
         encoder = Int8VisionEncoder(encoder, fp, torch.get_num_threads())
@@ -202,10 +207,10 @@ def load_scorer(path=None, device="cpu", precision="fp32"):
     """``load_joint_encoder`` for inference: the same logits (within float rounding) from
     ``FastScorer``, the joint encoder in fused blocks (1.2-1.35x on a CPU, 1.12x eager / 1.33x
     compiled on an H200; BENCHMARKS.md). ``precision="int8"``: its per-pair layers in int8 on the
-    CPU (``models.int8``, with torch's current thread count). Returns (scorer, tokenizer, config,
-    fingerprint)."""
+    CPU (``models.int8``, with torch's current thread count); ``"bf16"``: under bf16 autocast
+    (``models.precision.AutocastScorer``). Returns (scorer, tokenizer, config, fingerprint)."""
     from models.fast_scorer import FastScorer
-    check_precision(precision, ("fp32", "int8"), device)
+    require(precision, device, gpu_precisions=("fp32", "bf16"))
     joint, tokenizer, cfg, fp = load_joint_encoder(path, "cpu")
     scorer = FastScorer.from_joint_encoder(joint).to(device)
     for p in scorer.parameters():
@@ -213,16 +218,9 @@ def load_scorer(path=None, device="cpu", precision="fp32"):
     if precision == "int8":
         from models.int8 import Int8JointScorer
         scorer = Int8JointScorer(scorer, fp, torch.get_num_threads())
+    elif precision == "bf16":
+        scorer = AutocastScorer(scorer)
     return scorer, tokenizer, cfg, fp
-
-
-def check_precision(precision, allowed, device):
-    """A clear error for a precision this path lacks, or int8 where it cannot run."""
-    if precision not in allowed:
-        raise ValueError(f"precision must be one of {list(allowed)}, not {precision!r}")
-    if precision == "int8":
-        from models.int8 import require_int8
-        require_int8(device)
 
 
 def _load_checked(module, state, required, what):

@@ -33,13 +33,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.precision import PrecisionUnavailable
+
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'edje[int8]' (onnxruntime, onnx, onnxscript)"
 ACTIVATIONS = {"gelu": "BiasGelu", "gelu_new": "FastGelu", "gelu_pytorch_tanh": "FastGelu"}
 
 
-class Int8Unavailable(RuntimeError):
+class Int8Unavailable(PrecisionUnavailable):
     """int8 was asked for where it cannot run: missing packages, a GPU device, or a CPU without
     the instructions the int8 kernels need."""
 

@@ -6,6 +6,7 @@
     # -> [{"image_id": ..., "score": ..., "rank": 1}, ...]  (like CrossEncoder.rank)
     rr.score([("a red circle", "000000001"), ...])   # -> numpy array of logits
     Reranker("STORE", precision="int8")         # the joint encoder in int8 on the CPU (models.int8)
+    Reranker("STORE", precision="auto")         # the fastest measured here (models.precision); .precision says which
     Reranker("s3://bucket/store", filesystem_options={"s3_endpoint_url": "http://...",
              "s3_access_key_id": ..., "s3_secret_access_key": ..., "s3_region_name": ...})
 
@@ -21,6 +22,7 @@ import torch
 
 from models.checkpoint import load_scorer
 from models.joint_encoder import score_batch
+from models.precision import resolve
 from schemas.reader import TokenStore
 
 
@@ -30,7 +32,8 @@ class Reranker:
         self.store = store if isinstance(store, TokenStore) else TokenStore(store, filesystem_options)
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.model, self.tokenizer, self.config, fingerprint = load_scorer(checkpoint, device, precision)
+        self.precision, self.precision_why = resolve(precision, device, "rerank")
+        self.model, self.tokenizer, self.config, fingerprint = load_scorer(checkpoint, device, self.precision)
         self.store.require_fingerprint(fingerprint)
         self.device, self.batch_size = device, batch_size
         self.checkpoint = checkpoint

@@ -151,11 +151,13 @@ def job_main(run, argv=None, show=None):
         (show or (lambda s: print(json.dumps(s))))(summary)
 
 
-def require_precision(precision: str, device: str) -> None:
-    """Refuses int8 at the start of a job, with what to do, where it cannot run (models.int8)."""
-    if precision == "int8":
-        from models.int8 import Int8Unavailable, require_int8
-        try:
-            require_int8(device)
-        except Int8Unavailable as e:
-            raise SystemExit(f"error: {e}") from None
+def resolve_precision(precision: str, device: str, job: str, gpu_precisions=("fp32",)):
+    """--precision at the start of a job: ``auto`` resolved on this machine (models.precision), then
+    refused, with what to do, where it cannot run. Returns {"precision", "asked", "why"}."""
+    from models.precision import PrecisionUnavailable, require, resolve
+    chosen, why = resolve(precision, device, job)
+    try:
+        require(chosen, device, gpu_precisions)
+    except PrecisionUnavailable as e:
+        raise SystemExit(f"error: {e}") from None
+    return {"precision": chosen, "asked": precision, "why": why}

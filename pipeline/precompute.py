@@ -16,7 +16,7 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline._cli import (BeamJobCLI, add_flag, beam_counters, finish, job_main, require_precision, run_pipeline,
+from pipeline._cli import (BeamJobCLI, add_flag, beam_counters, finish, job_main, resolve_precision, run_pipeline,
                            show_progress)
 from models.checkpoint import embedding_dim, fingerprint, read_config
 from models.quantization import CLI_NAMES, UnknownSchemeError, scheme_for_cli
@@ -53,9 +53,11 @@ class PrecomputeOptions(PipelineOptions):
                             help="images per forward pass; batches are cut in shard order, so the "
                                  "stored bytes depend on it but never on workers or bundling")
         add_flag(parser, "--device", default="cpu", help="cpu, cuda or cuda:N")
-        add_flag(parser, "--precision", default="fp32", choices=sorted(PRECISIONS),
-                            help="the forward pass: fp32, bf16/fp16 (torch autocast), or int8 (CPU, ONNX "
-                                 "Runtime, the edje[int8] extra; token cosine >= 0.999 to fp32's, BENCHMARKS.md)")
+        add_flag(parser, "--precision", default="fp32", choices=sorted(PRECISIONS) + ["auto"],
+                            help="the forward pass: fp32; bf16 (a bf16 copy of the model on a CPU with amx_bf16 "
+                                 "or avx512_bf16, autocast on a GPU); fp16 (GPU, autocast); int8 (CPU, ONNX "
+                                 "Runtime, the edje[int8] extra); auto: the fastest measured on this machine. "
+                                 "The stored bytes depend on it (README: CPU precisions)")
         add_flag(parser, "--decode", default="pil", choices=list(DECODERS),
                  help="image decoder: pil (PIL + open_clip's transform, one image at a time on the CPU), or "
                       "torchvision (JPEGs decoded in batches with torchvision.io.decode_jpeg on --device, "
@@ -177,7 +179,7 @@ def run(argv=None, test_pipeline=None):
         scheme = scheme_for_cli(opts.quantization)
     except UnknownSchemeError as e:
         CLI.error(f"--quantization: {e}")
-    require_precision(opts.precision, opts.device)
+    precision = resolve_precision(opts.precision, opts.device, "precompute", gpu_precisions=("fp32", "bf16", "fp16"))
     started = time.time()
     store = opts.output.rstrip("/")
 
@@ -200,11 +202,12 @@ def run(argv=None, test_pipeline=None):
         encode_cfg = EncodeConfig(
             store=store, checkpoint=str(opts.checkpoint) if opts.checkpoint else None, fingerprint=fp,
             num_tokens=model["num_tokens"], token_dim=model["token_dim"], embedding_dim=model["embedding_dim"],
-            batch_size=opts.batch_size, device=opts.device, precision=opts.precision,
+            batch_size=opts.batch_size, device=opts.device, precision=precision["precision"],
             torch_threads=opts.torch_threads, max_member_bytes=opts.max_member_bytes,
             max_pixels=opts.max_image_pixels, max_failure_rate=opts.max_failure_rate,
             failure_budget_min_samples=opts.failure_budget_min_samples, decode=opts.decode, quantization=scheme)
-        producer = {"quantization": scheme, "batch_size": opts.batch_size, "precision": opts.precision,
+        producer = {"quantization": scheme, "batch_size": opts.batch_size, "precision": precision["precision"],
+                    **({"precision_auto": precision["why"]} if opts.precision == "auto" else {}),
                     "torch_threads": opts.torch_threads, "device": opts.device, "decode": opts.decode}
 
         # The launcher's plan checks the input, sizes the index and drives the progress bar; the
@@ -229,6 +232,7 @@ def run(argv=None, test_pipeline=None):
         manifest = mf.read(store)
         summary = summarize(manifest, store, time.time() - started, plan)
         summary["metrics"] = beam_counters(result, ENCODE_NAMESPACE)
+        summary["precision"] = precision
         over = [s for s in manifest["failed_shards"] if s.get("status") == shard_stats.STATUS_OVER_BUDGET]
         if over:
             worst = sorted(over, key=lambda s: -s["bad_samples"] / max(1, s["bad_samples"] + s["rows"]))[:5]
@@ -285,6 +289,8 @@ def print_summary(summary):
                        f"({summary['duplicates']} duplicate ids)"),
             ("bytes per image", f"{summary['bytes_per_image']} (whole shard files)"),
             ("token bytes/element", summary["token_bytes_per_element"]),
+            ("precision", summary["precision"]["precision"] + (f" (auto: {summary['precision']['why']})"
+                                                              if summary["precision"]["asked"] == "auto" else "")),
             ("wall time", f"{summary['wall_seconds']} s")]
     for k, v in rows:
         print(f"  {k:<20} {v}", file=sys.stderr)

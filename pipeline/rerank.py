@@ -17,8 +17,9 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline._cli import (BeamJobCLI, add_flag, finish, job_main, open_store_for, require_precision, run_pipeline,
+from pipeline._cli import (BeamJobCLI, add_flag, finish, job_main, open_store_for, resolve_precision, run_pipeline,
                            show_progress)
+from models.precision import CHOICES
 from schemas.scores import scores_schema
 from transforms.joint_handler import JointScorerHandler
 from transforms.rank_scores import FUSIONS, RankScores, resolve_fusion
@@ -55,10 +56,10 @@ class RerankOptions(PipelineOptions):
         add_flag(parser, "--batch_size", type=int, default=64, help="pairs per joint-encoder forward")
         add_flag(parser, "--device", default="cpu", help="cpu, cuda or cuda:N")
         add_flag(parser, "--torch_threads", type=int, default=1, help="torch intra-op threads per worker")
-        add_flag(parser, "--precision", default="fp32", choices=["fp32", "int8"],
-                 help="joint encoder: fp32, or int8 on the CPU (ONNX Runtime, the edje[int8] extra): "
-                      "1.1-1.2x the pairs/s on an AVX2 CPU without VNNI, scores with Spearman >= 0.999 to "
-                      "fp32's (README: int8 on CPUs)")
+        add_flag(parser, "--precision", default="fp32", choices=list(CHOICES),
+                 help="joint encoder: fp32; bf16 (torch autocast; on a CPU it needs amx_bf16 or avx512_bf16); "
+                      "int8 on the CPU (ONNX Runtime, the edje[int8] extra); auto: the fastest measured on "
+                      "this machine (README: CPU precisions)")
         add_flag(parser, "--progress", default="auto", choices=["auto", "on", "off"],
                  help="tqdm progress bar over the pairs scored, with ETA (auto: on for local runners)")
 
@@ -77,7 +78,7 @@ def run(argv=None, test_pipeline=None):
     joint_cfg = read_config(opts.checkpoint).joint_encoder
     if joint_cfg is None:
         raise SystemExit("error: the checkpoint has no joint encoder")
-    require_precision(opts.precision, opts.device)
+    precision = resolve_precision(opts.precision, opts.device, "rerank", gpu_precisions=("fp32", "bf16"))
     fusion, fusion_weight = resolve_fusion(opts.fusion, opts.fusion_weight, joint_cfg.fusion_weight)
     store = open_store_for(opts.store, opts.checkpoint)
     started = time.time()
@@ -85,7 +86,7 @@ def run(argv=None, test_pipeline=None):
     failures_path = opts.failures or failures_path_for(opts.output)
     remove_stale(opts.output, failures_path)
     handler = JointScorerHandler(str(opts.checkpoint) if opts.checkpoint else None, opts.device,
-                                 opts.torch_threads, opts.batch_size, opts.precision)
+                                 opts.torch_threads, opts.batch_size, precision["precision"])
 
     progress = (ProgressBar(count_candidates(opts.queries), "pair", "rerank")
                 if show_progress(opts.progress, options) else None)
@@ -98,7 +99,7 @@ def run(argv=None, test_pipeline=None):
     _ = rows | "WriteScores" >> WriteRows(opts.output, fmt, scores_schema(fusion != "none"))
     _ = (read["failures"], routed["failures"]) | "WriteFailures" >> WriteRows(failures_path, "jsonl")
     run_pipeline(pipeline, progress)
-    return summarize(opts.output, fmt, failures_path, time.time() - started)
+    return dict(summarize(opts.output, fmt, failures_path, time.time() - started), precision=precision)
 
 
 def summarize(output, fmt, failures_path, seconds):

@@ -10,7 +10,8 @@ from models.checkpoint import VisionEncoder, load_vision_encoder
 
 log = logging.getLogger(__name__)
 
-# fp32/bf16/fp16: torch autocast of the forward; int8: ONNX Runtime on the CPU (models.int8)
+# On a GPU bf16 and fp16 autocast the forward; on the CPU bf16 runs a bf16 copy of the model and int8
+# ONNX Runtime (models.checkpoint.load_vision_encoder, models.precision)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
 
 
@@ -47,8 +48,7 @@ class VisionModelHandler(ModelHandler[torch.Tensor, EncodedImage, VisionEncoder]
 
     def load_model(self) -> VisionEncoder:
         torch.set_num_threads(self.torch_threads)
-        encoder, _, fingerprint = load_vision_encoder(self.checkpoint, resolve_device(self.device),
-                                                      "int8" if self.precision == "int8" else "fp32")
+        encoder, _, fingerprint = load_vision_encoder(self.checkpoint, resolve_device(self.device), self.precision)
         log.info("loaded vision encoder %s on %s (%s)", fingerprint[:12], self.device, self.precision)
         return encoder
 
@@ -57,10 +57,9 @@ class VisionModelHandler(ModelHandler[torch.Tensor, EncodedImage, VisionEncoder]
         if torch.get_num_threads() != self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         images = torch.stack(list(batch)).to(self.device, non_blocking=True)
-        dtype = PRECISIONS[self.precision]
-        with torch.inference_mode(), torch.autocast(
-                device_type="cuda" if self.device.startswith("cuda") else "cpu",
-                dtype=dtype or torch.float32, enabled=dtype is not None):
+        dtype = PRECISIONS[self.precision] if self.device.startswith("cuda") else None
+        with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=dtype or torch.float32,
+                                                    enabled=dtype is not None):
             tokens, embedding = model(images)
         tokens = tokens.float().cpu().numpy()
         embedding = embedding.float().cpu().numpy()
