@@ -139,7 +139,7 @@ def require(precision: str, device: str = "cpu", gpu_precisions=("fp32",)) -> No
     elif precision == "int8":
         from models.int8 import require_int8
         require_int8(device)
-    elif precision not in ("fp32",) + tuple(gpu_precisions):
+    elif precision not in PRECISIONS:
         raise PrecisionUnavailable(f"--precision {precision} runs on a GPU only; on the CPU use fp32, bf16 or int8")
 
 

@@ -1,6 +1,6 @@
 """``python -m tests.pair_scores STORE QUERIES OUT_DIR PRECISION...``: one set of pairs scored by the
 rerank job (batch sizes 5 and 64, one thread) and by ``Reranker`` (two threads, the pairs shuffled into
-batches of 1, 13 and 64), for each precision; writes OUT_DIR/scores.json. test_pair_scores runs it in
+batches of 1, 13 and 64), for each precision this CPU runs (the others are listed as refused); writes OUT_DIR/scores.json. test_pair_scores runs it in
 a subprocess under each instruction-set cap, since the caps are read when the libraries load."""
 import json
 import sys
@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from models.precision import PrecisionUnavailable, require
 from models.reranker import Reranker
 from pipeline import rerank
 
@@ -29,8 +30,13 @@ def main(store, queries, out, *precisions):
     for line in Path(queries).read_text().splitlines():
         q = json.loads(line)
         text[q["query_id"]] = q["text"]
-    result = {"capability": torch.backends.cpu.get_cpu_capability()}
+    result = {"capability": torch.backends.cpu.get_cpu_capability(), "refused": {}}
     for precision in precisions:
+        try:
+            require(precision)
+        except PrecisionUnavailable as e:  # the CPU (or the cap) lacks it: the test says whether it should
+            result["refused"][precision] = str(e)
+            continue
         jobs = {b: job_scores(store, queries, out, precision, b) for b in JOB_BATCHES}
         keys = sorted(jobs[JOB_BATCHES[0]])
         torch.set_num_threads(2)
