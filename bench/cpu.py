@@ -13,7 +13,10 @@ measures:
   the model is loaded (``*_incl_load`` also counts the load); the Beam job's wall time counts
   everything (planning, model load, duplicate scan, writes, index, manifest).
 * rerank_ratio: pairs/s of the Beam rerank job / models.joint_encoder.score_batch over the same
-  dequantized tokens and texts (batch 64, torch_threads 1; tokens read before timing).
+  dequantized tokens and texts (batch 64, torch_threads 1; tokens read before timing), on
+  ``--queries`` x 20 pairs (4,000 by default). A 20-query job (400 pairs) also runs: from the two
+  job times, rerank_job_fixed_seconds (what a job costs before and after its pairs: pipeline
+  construction, Beam's stages, the model load) and rerank_ratio_steady (the rate per pair beyond it).
 * token_bytes_per_element: tokens + token_scales compressed bytes / (rows x 64 x 384), on the real
   store. Random-weight models emit near-duplicate tokens that zstd squeezes, so the same measure on
   the synthetic store of random int8 tokens is reported too (token_bytes_per_element_random_int8).
@@ -49,6 +52,7 @@ TEXTS = ["an astronaut in a white suit", "a tabby cat sleeping on a sofa", "a cu
          "a rocket on a launch pad", "gravel and small stones", "a page of printed text",
          "a camera man with a tripod", "a horse in a field", "coins on a wooden table", "a red rose"]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
+SMALL_JOB_QUERIES = 20  # the small rerank job (400 pairs) that measures the job's fixed cost
 
 
 
@@ -334,6 +338,25 @@ def measure_rerank(res, ckpt, store, work, repeats, n_queries, n_cands):
                rerank_bare_incl_load_pairs_s=[round(x, 1) for x in bare_rl],
                rerank_ratio=round(max(beam_r) / max(bare_r), 3),
                rerank_ratio_incl_load=round(max(beam_r) / max(bare_rl), 3))
+    if n_queries > SMALL_JOB_QUERIES:
+        # the job's time = a fixed cost (pipeline, stages, model load) + pairs / its steady rate:
+        # a small job's time on top of the large one's separates the two
+        small_path = os.path.join(work, "queries-small.jsonl")
+        small = rows[:SMALL_JOB_QUERIES]
+        with open(small_path, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in small))
+        small_r = [run_rerank(ckpt, small_path, store, os.path.join(work, f"scores-small-{rep}.parquet"))[0]
+                   for rep in range(repeats)]
+        p_small, p_large = sum(len(r["candidates"]) for r in small), len(pairs)
+        t_small, t_large = p_small / max(small_r), p_large / max(beam_r)
+        steady = (p_large - p_small) / max(t_large - t_small, 1e-9)
+        res.update(rerank_small_job_pairs=p_small, rerank_small_job_pairs_s=[round(x, 1) for x in small_r],
+                   rerank_ratio_small_job=round(max(small_r) / max(bare_r), 3),
+                   rerank_job_fixed_seconds=round(t_small - p_small / steady, 3),
+                   rerank_job_steady_pairs_s=round(steady, 1),
+                   rerank_ratio_steady=round(steady / max(bare_r), 3))
+        log(f"rerank Beam job, {p_small} pairs: {max(small_r):.1f} pairs/s; fixed cost "
+            f"{res['rerank_job_fixed_seconds']} s, steady {steady:.1f} pairs/s")
     # the Beam job's scores must be the bare ones (same tokens, same model)
     beam_scores = pq.read_table(os.path.join(work, f"scores-{repeats - 1}.parquet")).to_pylist()
     by_pair = {(r["query_id"], r["image_id"]): r["score"] for r in beam_scores}
@@ -371,86 +394,17 @@ def rerank_only(args, res, ckpt, pattern, repeats, batch, n_queries, n_cands, wo
     return report(args, res, [("rerank_ratio", ">=", 0.85)], tmp)
 
 
-def int8_only(args, res, ckpt, pattern, repeats, batch, n_queries, n_cands, work, tmp, started):
-    """--only int8: --precision int8 against fp32, side by side (alternating, one untimed warm-up of
-    each, which also builds the int8 graphs into the cache; best of N): img/s of the precompute job,
-    pairs/s of the rerank job and of the bare scorer, and the fidelity of the tokens and scores."""
-    import pyarrow.parquet as pq
-    from schemas.reader import TokenStore
-    pre = {"fp32": [], "int8": []}
-    for precision in pre:
-        run_precompute(ckpt, pattern, os.path.join(work, f"store-warm-{precision}"), batch, precision)
-
-    def precompute_once(precision):
-        def once(rep):
-            r, summary = run_precompute(ckpt, pattern, os.path.join(work, f"store-{precision}-{rep}"), batch, precision)
-            pre[precision].append(r)
-            log(f"precompute Beam job {precision}: {r:.1f} img/s, {summary['images']} images")
-        return once
-
-    alternate(repeats, precompute_once("fp32"), precompute_once("int8"))
-    store32, store8 = (os.path.join(work, f"store-{p}-{repeats - 1}") for p in ("fp32", "int8"))
-    ids = sorted(i for s in TokenStore(store32).shards
-                 for i in pq.read_table(TokenStore(store32).shard_file(s), columns=["image_id"]).column(0).to_pylist())
-    _, t32, _, _ = TokenStore(store32).get(ids)
-    _, t8, _, _ = TokenStore(store8).get(ids)
-    a, b = np.stack(t32).reshape(-1, t32[0].shape[-1]), np.stack(t8).reshape(-1, t8[0].shape[-1])
-    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    res.update(precompute_fp32_img_s=[round(x, 1) for x in pre["fp32"]],
-               precompute_int8_img_s=[round(x, 1) for x in pre["int8"]],
-               precompute_int8_speedup=round(max(pre["int8"]) / max(pre["fp32"]), 3),
-               token_cosine_int8_vs_fp32_mean=round(float(cos.mean()), 6),
-               token_cosine_int8_vs_fp32_min=round(float(cos.min()), 6))
-
-    # rerank over the fp32 store: the job and the bare scorer at each precision
-    qpath = os.path.join(work, "queries.jsonl")
-    rows = make_queries(qpath, ids, n_queries, n_cands)
-    pairs = pairs_of(rows)
-    found, toks, _, _ = TokenStore(store32).get(sorted({c for _, _, c in pairs}))
-    tok_by_id = dict(zip(found, toks))
-    texts = [t for _, t, _ in pairs]
-    tokens = np.stack([tok_by_id[c] for _, _, c in pairs])
-    job = {"fp32": [], "int8": []}
-    bare = {"fp32": [], "int8": []}
-    scores = {}
-    for precision in job:
-        run_rerank(ckpt, qpath, store32, os.path.join(work, f"scores-warm-{precision}.parquet"), precision)
-        bare_rerank(ckpt, texts[:64], tokens[:64], precision=precision)
-
-    def job_once(precision):
-        def once(rep):
-            r, _ = run_rerank(ckpt, qpath, store32, os.path.join(work, f"scores-{precision}-{rep}.parquet"), precision)
-            job[precision].append(r)
-            log(f"rerank Beam job {precision}: {r:.1f} pairs/s")
-        return once
-
-    def bare_once(precision):
-        def once(rep):
-            r, _, scores[precision] = bare_rerank(ckpt, texts, tokens, precision=precision)
-            bare[precision].append(r)
-            log(f"rerank bare scorer {precision}: {r:.1f} pairs/s")
-        return once
-
-    alternate(repeats, job_once("fp32"), job_once("int8"))
-    alternate(repeats, bare_once("fp32"), bare_once("int8"))
-    for precision in job:
-        out = pq.read_table(os.path.join(work, f"scores-{precision}-{repeats - 1}.parquet")).to_pylist()
-        by_pair = {(r["query_id"], r["image_id"]): r["score"] for r in out}
-        res[f"rerank_job_vs_bare_max_abs_diff_{precision}"] = float(max(
-            abs(by_pair[(q, c)] - x) for (q, _, c), x in zip(pairs, scores[precision])))
-    res.update(rerank_pairs=len(pairs),
-               rerank_job_fp32_pairs_s=[round(x, 1) for x in job["fp32"]],
-               rerank_job_int8_pairs_s=[round(x, 1) for x in job["int8"]],
-               rerank_job_int8_speedup=round(max(job["int8"]) / max(job["fp32"]), 3),
-               rerank_bare_fp32_pairs_s=[round(x, 1) for x in bare["fp32"]],
-               rerank_bare_int8_pairs_s=[round(x, 1) for x in bare["int8"]],
-               rerank_bare_int8_speedup=round(max(bare["int8"]) / max(bare["fp32"]), 3))
-    res.update(agreement(scores["int8"], scores["fp32"], n_cands, "int8_model", "score_spearman_int8_model_per_query"))
+def precision_only(args, res, ckpt, repeats, work, tmp, started, precisions):
+    """--only precision / int8: the precisions side by side on the scenes benchmark (bench/precision.py)."""
+    from bench.precision import goals, measure
+    n = args.n or (200 if args.quick else 800)
+    res.update(scenes_n=n, scenes_seed=args.seed)
+    measure(res, ckpt, work, n, args.seed, repeats, precisions)
+    log(f"cpu: {res['cpu']}")
+    for job, pick in res["auto"].items():
+        log(f"--precision auto ({job}) picks {pick['precision']}: {pick['why']}")
     res["wall_seconds"] = round(time.perf_counter() - started, 1)
-    goals = [("rerank_job_int8_speedup", ">=", 2.0), ("rerank_bare_int8_speedup", ">=", 2.0),
-             ("precompute_int8_speedup", ">=", 1.5), ("token_cosine_int8_vs_fp32_mean", ">=", 0.999),
-             ("score_spearman_int8_model_vs_fp32", ">=", 0.999)]
-    return report(args, res, goals, tmp)
+    return report(args, res, goals(res), tmp)
 
 
 # ---------------------------------------------------------------- main
@@ -461,12 +415,18 @@ def main(argv=None):
     ap.add_argument("--json_out", default=None)
     ap.add_argument("--small_store", type=int, default=10_000, help="images in the small synthetic store")
     ap.add_argument("--rows_per_shard", type=int, default=1000, help="rows per synthetic shard")
-    ap.add_argument("--only", default="all", choices=["all", "rerank", "int8"],
+    ap.add_argument("--only", default="all", choices=["all", "rerank", "precision", "int8"],
                     help="rerank: only rerank_ratio (the store is built once, untimed, or reused from --work); "
-                         "int8: only --precision int8 against fp32")
+                         "precision: fp32, bf16 and int8 side by side on the scenes benchmark "
+                         "(bench/precision.py); int8: the same, fp32 and int8 only")
+    ap.add_argument("--n", type=int, default=None, help="--only precision: scenes (default 800, 200 with --quick)")
+    ap.add_argument("--seed", type=int, default=11, help="--only precision: make_scenes seed")
     ap.add_argument("--checkpoint", default=None,
-                    help="measure this checkpoint instead of the random ViT-S one ('default': the embedded demo)")
-    ap.add_argument("--queries", type=int, default=20, help="rerank queries (20 candidates each)")
+                    help="measure this checkpoint instead of the random ViT-S one ('default': the embedded demo, "
+                         "which --only precision uses unless told)")
+    ap.add_argument("--queries", type=int, default=200,
+                    help="rerank queries, 20 candidates each (200: 4,000 pairs, the size of ./run_local.sh's "
+                         "demo job); a 20-query job also runs, to separate the job's fixed cost")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs of each side (default 2 quick, 3 full)")
     args = ap.parse_args(argv)
     shards, per_shard, repeats = (4, 48, 2) if args.quick else (8, 64, 3)
@@ -481,9 +441,12 @@ def main(argv=None):
     else:
         work = args.work
         os.makedirs(work, exist_ok=True)
-    res = {"quick": args.quick, "images": shards * per_shard, "precompute_batch_size": batch,
-           "rerank_batch_size": 64, "torch_threads": 1, "repeats": repeats}
+    res = {"quick": args.quick, "rerank_batch_size": 64, "torch_threads": 1, "repeats": repeats}
+    if args.only not in ("precision", "int8"):
+        res.update(images=shards * per_shard, precompute_batch_size=batch)
 
+    if args.only in ("precision", "int8") and not args.checkpoint:
+        args.checkpoint = "default"  # the scenes benchmark's R@1 means something only for a trained model
     if args.checkpoint:
         from models.checkpoint import fingerprint, resolve_dir
         ckpt = str(resolve_dir(None if args.checkpoint == "default" else args.checkpoint))
@@ -491,12 +454,14 @@ def main(argv=None):
     else:
         ckpt = os.path.join(work, "ckpt")
         fp = make_checkpoint(ckpt)
+    if args.only in ("precision", "int8"):
+        log(f"checkpoint {fp[:12]}")
+        precisions = ("fp32", "int8") if args.only == "int8" else ("fp32", "bf16", "int8")
+        return precision_only(args, res, ckpt, repeats, work, tmp, started, precisions)
     shard_paths = make_shards(os.path.join(work, "tars"), shards, per_shard)
     pattern = os.path.join(work, "tars", "*.tar")
     log(f"checkpoint {fp[:12]}, {shards} x {per_shard} demo images")
 
-    if args.only == "int8":
-        return int8_only(args, res, ckpt, pattern, repeats, batch, n_queries, n_cands, work, tmp, started)
     if args.only == "rerank":
         return rerank_only(args, res, ckpt, pattern, repeats, batch, n_queries, n_cands, work, tmp, started)
 

@@ -29,16 +29,25 @@ class PrecisionUnavailable(RuntimeError):
 
 
 @lru_cache(maxsize=1)
-def cpu_flags() -> frozenset:
-    """The CPU's feature flags (/proc/cpuinfo on Linux; torch's reading elsewhere)."""
+def _cpuinfo_fields(*keys) -> dict:
+    """The first value of each of ``keys`` in /proc/cpuinfo ({} where there is none)."""
+    found = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return frozenset(value.split())
+                if key.strip() in keys and key.strip() not in found:
+                    found[key.strip()] = value.strip()
     except OSError:
         pass
+    return found
+
+
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags (/proc/cpuinfo on Linux; torch's reading elsewhere)."""
+    f = _cpuinfo_fields("flags", "Features")
+    if f:
+        return frozenset(next(iter(f.values())).split())
     probe = {"avx2": "_is_avx2_supported", "avx512f": "_is_avx512_supported",
              "avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported",
              "avx512_vnni": "_is_vnni_supported"}
@@ -47,15 +56,13 @@ def cpu_flags() -> frozenset:
 
 @lru_cache(maxsize=1)
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model name"):
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The model name, with the x86 family and model numbers where the name alone is vague
+    (cloud VMs often say only "AMD EPYC": family 25 model 17 is Zen 4, 143 with family 6 Sapphire Rapids)."""
+    f = _cpuinfo_fields("model name", "Model name", "cpu family", "model")
+    name = f.get("model name") or f.get("Model name") or platform.processor() or platform.machine()
+    if "cpu family" in f and "model" in f:
+        name += f" (family {f['cpu family']} model {f['model']})"
+    return name
 
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "bf16", "asimddp")

@@ -129,3 +129,52 @@ def test_text_only_lower_layers(models):
     assert JointEncoderConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="text_layers"):
         JointEncoder(JointEncoderConfig(bert_overrides={"num_hidden_layers": 2}, text_layers=2))
+
+
+def test_text_states_are_kept_and_never_stale(models):
+    """Without autograd a text's lower-layer states are kept: the second batch's logits are the
+    first's, bit for bit, and the text layers do not run again; moving the weights (bf16) or loading
+    others empties the cache; with autograd nothing is kept; a copy starts empty and works."""
+    import copy
+    from models import fast_scorer
+    base, _ = models
+    cfg = JointEncoderConfig(bert_overrides={"num_hidden_layers": 2}, text_layers=1)
+    joint = JointEncoder(cfg).eval()
+    joint.load_state_dict(base.state_dict())
+    fast = FastScorer.from_joint_encoder(joint)
+    ids, mask, tokens = batch(seed=8)
+    calls = []
+    hook = fast.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        first = fast(ids, mask, tokens)
+        assert len(calls) == 6 and len(fast._text_cache) == 6
+        again = fast(ids, mask, tokens.flip(0))  # same texts, other images
+        assert len(calls) == 6
+        torch.testing.assert_close(again, fast(ids, mask, tokens.flip(0)), atol=0, rtol=0)
+        torch.testing.assert_close(fast(ids, mask, tokens), first, atol=0, rtol=0)
+        fast.to(torch.bfloat16)
+        assert not fast._text_cache
+        low = fast(ids, mask, tokens)
+        assert len(calls) == 12 and not torch.equal(low, first)
+        fast.to(torch.float32)
+        other = {k: v + 0.05 * torch.randn_like(v) if k.startswith("layers.0.") else v
+                 for k, v in fast.state_dict().items()}
+        fast.load_state_dict(other)  # another text layer
+        assert not fast._text_cache
+        moved = fast(ids, mask, tokens)
+        assert (moved - first).abs().max() > 1e-4  # the other text layer, not the kept states
+        clone = copy.deepcopy(fast)
+        assert not clone._text_cache
+        torch.testing.assert_close(clone(ids, mask, tokens), moved, atol=0, rtol=0)
+    hook.remove()
+    n = len(fast._text_cache)
+    fast(ids[:, :5], mask[:, :5], tokens).sum().backward()
+    assert len(fast._text_cache) == n
+    old = fast_scorer.TEXT_CACHE
+    try:
+        fast_scorer.TEXT_CACHE = 2
+        with torch.no_grad():
+            fast(*batch(seed=9))
+        assert len(fast._text_cache) == 2  # least recently used texts are dropped
+    finally:
+        fast_scorer.TEXT_CACHE = old

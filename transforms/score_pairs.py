@@ -19,11 +19,12 @@ from transforms.progress import Tally
 ROWS_PER_READ = 2048
 
 
-def batch_order(request):
-    """Pairs are scored in this order: same text together, similar lengths together (score_batch
-    splits a batch by text length). A pair's score does not depend on its batch, so this changes
-    speed only; the key is total, so batches are deterministic."""
-    return len(request.text), request.text, request.query_id, request.image_id
+def batch_order(request, n_tokens: int):
+    """Pairs are scored in this order: same token length together, then same text (score_batch
+    runs a batch in groups of one text length, so a batch of few lengths runs as few large
+    GEMMs). A pair's score does not depend on its batch, so this changes speed only; the key is
+    total, so batches are deterministic."""
+    return n_tokens, request.text, request.query_id, request.image_id
 
 
 class _ScoreShard(beam.DoFn):
@@ -52,8 +53,9 @@ class _ScoreShard(beam.DoFn):
             chunk = rows[start:start + ROWS_PER_READ]
             _, tokens, _ = self.store.read_rows(shard, chunk)
             self.rows_read.inc(len(chunk))
-            pairs = sorted(((request, i) for i, row in enumerate(chunk) for request in by_row[row]),
-                           key=lambda p: batch_order(p[0]))
+            pairs = [(request, i) for i, row in enumerate(chunk) for request in by_row[row]]
+            n_tokens = self._token_lengths({r.text for r, _ in pairs})
+            pairs.sort(key=lambda p: batch_order(p[0], n_tokens[p[0].text]))
             for b in range(0, len(pairs), size):
                 batch = pairs[b:b + size]
                 logits = self.handler.run_inference([(r.text, tokens[i]) for r, i in batch], self.model)
@@ -62,6 +64,11 @@ class _ScoreShard(beam.DoFn):
                 self.tally.add(len(batch))
                 for (request, _), logit in zip(batch, logits):
                     yield request, float(logit)
+
+    def _token_lengths(self, texts):
+        texts = sorted(texts)
+        _, mask = self.model.tokenizer(texts)
+        return dict(zip(texts, mask.sum(1).tolist()))
 
     def finish_bundle(self):
         self.tally.flush()
