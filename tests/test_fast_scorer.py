@@ -100,15 +100,19 @@ def test_fixed_image_positions(models):
         JointEncoderConfig(image_positions="sideways")
 
 
+def text_layer_models(base):
+    """``base``'s weights with text_layers=1: (JointEncoder, FastScorer)."""
+    joint = JointEncoder(JointEncoderConfig(bert_overrides={"num_hidden_layers": 2}, text_layers=1)).eval()
+    joint.load_state_dict(base.state_dict())
+    return joint, FastScorer.from_joint_encoder(joint)
+
+
 @torch.no_grad()
 def test_text_only_lower_layers(models):
     """text_layers=1: the lower layer is MiniLM on the text alone, the image joins above it; both
     scorers agree, with and without text_index, and a pair's score depends on its own text and image only."""
     base, _ = models
-    cfg = JointEncoderConfig(bert_overrides={"num_hidden_layers": 2}, text_layers=1)
-    joint = JointEncoder(cfg).eval()
-    joint.load_state_dict(base.state_dict())
-    fast = FastScorer.from_joint_encoder(joint)
+    joint, fast = text_layer_models(base)
     ids, mask, tokens = batch(seed=7)
     expected = joint(ids, mask, tokens)
     assert expected.max() - expected.min() > 0.01
@@ -126,7 +130,7 @@ def test_text_only_lower_layers(models):
     t = int(mask[1].sum())
     torch.testing.assert_close(fast(ids[1:2, :t], mask[1:2, :t], tokens[1:2]), expected[1:2], atol=2e-5, rtol=0)
     assert "text_layers" not in JointEncoderConfig().to_dict()
-    assert JointEncoderConfig.from_dict(cfg.to_dict()) == cfg
+    assert JointEncoderConfig.from_dict(joint.cfg.to_dict()) == joint.cfg
     with pytest.raises(ValueError, match="text_layers"):
         JointEncoder(JointEncoderConfig(bert_overrides={"num_hidden_layers": 2}, text_layers=2))
 
@@ -138,10 +142,7 @@ def test_text_states_are_kept_and_never_stale(models):
     import copy
     from models import fast_scorer
     base, _ = models
-    cfg = JointEncoderConfig(bert_overrides={"num_hidden_layers": 2}, text_layers=1)
-    joint = JointEncoder(cfg).eval()
-    joint.load_state_dict(base.state_dict())
-    fast = FastScorer.from_joint_encoder(joint)
+    joint, fast = text_layer_models(base)
     ids, mask, tokens = batch(seed=8)
     calls = []
     hook = fast.layers[0].register_forward_hook(lambda *a: calls.append(1))
