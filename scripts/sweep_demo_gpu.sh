@@ -2,7 +2,7 @@
 # Trains several demo-checkpoint variants side by side on one GPU (one device call, ~8 minutes):
 #   [OBJECTS=2|3 CLIP_MIN=2 EDJE_MIN=3 POOLS="tok avg"] scripts/sweep_demo_gpu.sh OUT_DIR
 # The clip stage is trained once per pooling type (POOLS, default tok), then each edje variant starts from a copy of it.
-# On a lent device (no network), carry .gpu (MiniLM weights + wheels, kept out of git) and prefix:
+# On a GPU machine without network, carry .gpu (MiniLM weights + wheels, kept out of git) and prefix:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl &&
 #   export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 EDJE_MINILM_DIR=$PWD/.gpu/minilm
 # OUT_DIR gets sweep.tgz (every variant's histories and test metrics) and the two best checkpoints

@@ -101,7 +101,7 @@ def train_edje(args, backbone, world: World, scenes=None, stream=None, held_out=
                 parts.tokenizer, [captions[i] for i in val_idx[:GROUNDING_ROWS]]))
     # An MLM-only step costs ~0.45 of an ITM step on a CPU; counting it so (--mlm_step_cost) starts
     # a step-budget ITM phase at the rate a time-boxed schedule gave it (BENCHMARKS.md, "Issue 12,
-    # session 8": whether ITM takes off was decided by the backbone's MLM grounding, not this rate).
+    # run set R8": whether ITM takes off was decided by the backbone's MLM grounding, not this rate).
     m, cost = args.mlm_only_steps, args.mlm_step_cost
     trainer = Trainer(args, out, parts.params, args.lr_joint, args.max_steps_edje or args.max_steps,
                       work=lambda s: cost * min(s, m) + max(0, s - m), world=world)

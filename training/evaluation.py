@@ -14,7 +14,7 @@ log = logging.getLogger("train")
 
 GROUNDING_ROWS = 512  # validation captions in each grounding evaluation
 # Object words' own-image MLM accuracy when ITM started: 77-89% in every CPU run whose ITM took off,
-# 63-65% in those that stayed at chance (BENCHMARKS.md, "Issue 12, sessions 8 and 9").
+# 63-65% in those that stayed at chance (BENCHMARKS.md, "Issue 12, run sets R8 and R9").
 GROUNDED_OBJECTS = 75.0
 
 
@@ -43,7 +43,7 @@ def warn_if_ungrounded(report: dict, step: int) -> bool:
     if own is None or own >= GROUNDED_OBJECTS:
         return False
     log.warning("step %d, end of the MLM-only steps: object words are filled in at %.1f%% from the caption's own "
-                "image; ITM has taken off only from ~%.0f%% in measured runs (BENCHMARKS.md, 'Issue 12, sessions 8 and 9'): "
+                "image; ITM has taken off only from ~%.0f%% in measured runs (BENCHMARKS.md, 'Issue 12, run sets R8 and R9'): "
                 "more --mlm_only_steps may be needed", step, own, GROUNDED_OBJECTS)
     return True
 
