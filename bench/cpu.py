@@ -180,6 +180,14 @@ def bare_rerank(ckpt, texts, tokens, batch_size=64, precision="fp32"):
     return len(texts) / (t1 - t0), len(texts) / (t1 - t_load), np.concatenate(out)
 
 
+def store_ids(store):
+    """Every image id of a store, sorted."""
+    import pyarrow.parquet as pq
+    from schemas.reader import TokenStore
+    ts = TokenStore(store)
+    return sorted(i for s in ts.shards for i in pq.read_table(ts.shard_file(s), columns=["image_id"]).column(0).to_pylist())
+
+
 def pairs_of(rows):
     return [(r["query_id"], r["text"], c) for r in rows for c in r["candidates"]]
 
@@ -306,8 +314,7 @@ def measure_rerank(res, ckpt, store, work, repeats, n_queries, n_cands):
     from schemas.reader import TokenStore
     import pyarrow.parquet as pq
     ts = TokenStore(store)
-    ids = sorted(i for s in ts.shards for i in
-                 pq.read_table(ts.shard_file(s), columns=["image_id"]).column(0).to_pylist())
+    ids = store_ids(store)
     qpath = os.path.join(work, "queries.jsonl")
     rows = make_queries(qpath, ids, n_queries, n_cands)
     pairs = pairs_of(rows)

@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from bench.cpu import log, run_precompute, run_rerank, spearman
+from bench.cpu import bare_rerank, log, run_precompute, run_rerank, spearman, store_ids
 
 ORDER = ("fp32", "bf16", "int8")
 
@@ -55,13 +55,6 @@ def available(precisions):
     return ok, skipped
 
 
-def store_ids(store):
-    import pyarrow.parquet as pq
-    from schemas.reader import TokenStore
-    ts = TokenStore(store)
-    return sorted(i for s in ts.shards for i in pq.read_table(ts.shard_file(s), columns=["image_id"]).column(0).to_pylist())
-
-
 def tokens_of(store, ids):
     from schemas.reader import TokenStore
     found, tokens, _, _ = TokenStore(store).get(ids)
@@ -69,17 +62,10 @@ def tokens_of(store, ids):
     return np.stack(tokens)
 
 
-def bare_scores(ckpt, precision, texts, tokens, batch_size=64):
+def bare_scores(ckpt, precision, texts, tokens):
     """(pairs/s, scores) of the scorer the job loads, on already-read tokens."""
-    from models.checkpoint import load_scorer
-    from models.joint_encoder import score_batch
-    torch.set_num_threads(1)
-    model, tok, _, _ = load_scorer(ckpt, "cpu", precision)
-    t = time.perf_counter()
-    with torch.inference_mode():
-        out = [score_batch(model, tok, texts[i:i + batch_size], tokens[i:i + batch_size])
-               for i in range(0, len(texts), batch_size)]
-    return len(texts) / (time.perf_counter() - t), np.concatenate(out).astype(np.float64)
+    rate, _, scores = bare_rerank(ckpt, texts, tokens, precision=precision)
+    return rate, scores.astype(np.float64)
 
 
 def job_scores(path, pairs):
