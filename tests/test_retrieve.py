@@ -188,3 +188,17 @@ def test_command_line_store_smaller_than_top_k(demo_store, tmp_path):
     for row in rows:
         assert len(row["candidates"]) == 24  # every row of the 3-shard store
         assert_same_ranking(row["candidates"], row["candidate_scores"], *want[row["query_id"]])
+
+
+def test_a_query_embeds_the_same_in_any_batch():
+    """The text tower's kernels block by row count; a text's embedding must not depend on how many
+    others share its batch (runners bundle differently: Flink's bundles are not the DirectRunner's)."""
+    from transforms.text_handler import load_text_encoder
+    torch.set_num_threads(1)
+    encoder, _ = load_text_encoder(None)
+    texts = [f"a {c} {s} to the left of a {d} {t}" for c, d in (("red", "blue"), ("white", "green"))
+             for s in ("circle", "square", "star") for t in ("diamond", "cross")]
+    full = encoder.encode(texts)
+    for n in (1, 2, 3, 5, 9):
+        for start in range(0, len(texts) - n + 1, n):
+            assert np.array_equal(encoder.encode(texts[start:start + n]), full[start:start + n]), (n, start)
