@@ -82,7 +82,8 @@ def main(argv=None):
         if not (d / "queries.jsonl").exists():
             job("make_scenes", "--split", "test", "--n", n, "--seed", args.seed, "--per_shard", max(n // 8, 4),
                 "--output", d)
-        splits[name] = d, f"{d}/{{{','.join(p.stem for p in sorted(d.glob('*.tar')))}}}.tar"
+        tars = sorted(p.stem for p in d.glob("*.tar"))
+        splits[name] = d, f"{d}/{{{tars[0]}..{tars[-1]}}}.tar"
 
     started = time.perf_counter()
     subprocess.run(["bash", str(SCRIPT), "up", "--taskmanagers", "2"], env=env, check=True, capture_output=True)
