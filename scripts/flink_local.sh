@@ -89,9 +89,9 @@ EOF
 alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
 
 wait_for() {  # wait_for SECONDS WHAT COMMAND...
-  local until=$((SECONDS + $1)) what=$2; shift 2
+  local limit=$1 until=$((SECONDS + $1)) what=$2; shift 2
   until "$@" >/dev/null 2>&1; do
-    [ $SECONDS -lt $until ] || die "$what did not come up within ${until}s; logs in $STATE/logs"
+    [ $SECONDS -lt $until ] || die "$what did not come up within ${limit}s; logs in $STATE/logs"
     sleep 0.5
   done
 }

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import precompute, rerank, retrieve, verify
+from tests.test_crash_resume import snapshot
 from tests.test_rerank import queries  # noqa: F401  (fixture: demo store queries, malformed lines too)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,17 +67,6 @@ def cluster(tmp_path_factory):
     c.sh("down")
 
 
-def files(store: Path, *subdirs):
-    return {str(p.relative_to(store)): p.read_bytes()
-            for d in subdirs for p in sorted((store / d).rglob("*")) if p.is_file()}
-
-
-def untimed_manifest(store: Path) -> dict:
-    m = json.loads((store / "manifest.json").read_text())
-    m.pop("created_at")
-    return m
-
-
 def by_line(path: Path) -> set:
     return set(path.read_text().splitlines())
 
@@ -106,8 +96,7 @@ def flink_store(cluster, demo_dir, tmp_path_factory):
 
 def test_precompute_on_flink_writes_the_direct_runners_bytes(flink_store, demo_store):
     (store, summary), (ref, ref_summary) = flink_store, demo_store
-    assert files(store, "shards", "index") == files(ref, "shards", "index")
-    assert untimed_manifest(store) == untimed_manifest(ref)
+    assert snapshot(store) == snapshot(ref)  # shard, failure and index bytes; the manifest but its time
     assert verify.verify(str(store))["ok"]
     keep = ("shards", "images", "failures", "duplicates", "shard_bytes", "precision")
     assert {k: summary[k] for k in keep} == {k: ref_summary[k] for k in keep}
@@ -167,8 +156,7 @@ def test_a_taskmanager_killed_mid_precompute_still_gives_the_clean_store(cluster
     if job.returncode != 0:  # the restarts ran out: a rerun resumes
         assert "error" in err.lower() or "fail" in err.lower()
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
-    assert files(store, "shards", "index") == files(demo_store[0], "shards", "index")
-    assert untimed_manifest(store) == untimed_manifest(demo_store[0])
+    assert snapshot(store) == snapshot(demo_store[0])
     assert verify.verify(str(store))["ok"]
     assert not [p for p in store.rglob("*") if p.name.startswith(".tmp-")]
     assert len(cluster.status()["taskmanagers"]) == 1
