@@ -11,7 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # models.default holds no code, only the embedded checkpoint (package data).
-    packages=find_packages(include=["pipeline", "transforms", "models", "schemas", "training"]) + ["models.default"],
+    packages=find_packages(include=["pipeline", "transforms", "models", "schemas", "training", "evaluation", "scenes"]) + ["models.default"],
     package_data={"models.default": ["*.json", "*.safetensors"]},
     include_package_data=True,
     install_requires=[

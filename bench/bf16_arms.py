@@ -69,7 +69,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from models.checkpoint import load_scorer, load_vision_encoder
     from models.joint_encoder import score_batch
-    from models.quantization import dequantize_int8, quantize_int8
+    from schemas.quantization import dequantize_int8, quantize_int8
     from schemas.reader import TokenStore
     from transforms.image_decode import decode_image
     from transforms.tar_samples import iter_samples

@@ -109,7 +109,7 @@ def run_precompute(ckpt, pattern, store, batch_size, precision="fp32"):
 
 def plain_precompute(ckpt, shard_paths, batch_size):
     """read + decode + preprocess + forward + int8 quantize, in shard order, batches cut per shard."""
-    from models.quantization import quantize_int8
+    from schemas.quantization import quantize_int8
     from transforms.image_decode import decode_image
     from transforms.tar_samples import iter_samples
     from transforms.vision_handler import VisionModelHandler
@@ -515,7 +515,7 @@ def main(argv=None):
     log(f"spearman int8 vs fp32: {res['score_spearman_int8_vs_fp32']}")
 
     # -- int4 store scheme on the same pairs: the encoder's quantize + the readers' decode of fp32 tokens
-    from models.quantization import INT4, INT8, get_scheme
+    from schemas.quantization import INT4, INT8, get_scheme
     int4 = get_scheme(INT4)
     res["int8_bytes_per_image_64x384"] = get_scheme(INT8).row_bytes(64, 384)
     res["int4_bytes_per_image_64x384"] = int4.row_bytes(64, 384)

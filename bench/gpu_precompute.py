@@ -74,7 +74,7 @@ def _images(path, limit=None):
 
 def plain_loop(ckpt, shard_paths, batch_size, precision, device):
     """The same work without Beam: read, PIL decode, open_clip preprocess, forward, quantize (no writes)."""
-    from models.quantization import quantize_int8
+    from schemas.quantization import quantize_int8
     from transforms.image_decode import decode_image
     from transforms.vision_handler import VisionModelHandler
     handler = VisionModelHandler(ckpt, device, precision, 1, batch_size)
@@ -108,7 +108,7 @@ def plain_loop_tensor_decode(ckpt, shard_paths, batch_size, precision, device, o
     resize/crop/normalise, forward, int8 quantize per image, Parquet write (zstd, as the store)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from models.quantization import quantize_int8
+    from schemas.quantization import quantize_int8
     from schemas.token_store import PARQUET_WRITE_OPTIONS, TOKEN_ROW_GROUP_SIZE, token_schema
     from transforms.tensor_decode import TensorJpegDecoder, TensorPreprocess
     from transforms.vision_handler import VisionModelHandler
@@ -259,7 +259,7 @@ def check_tokens(ckpt, store, shard_path):
     """Stored (GPU, maybe bf16, maybe GPU-decoded) tokens vs an fp32 CPU forward of the same images via PIL."""
     import pyarrow.parquet as pq
     from models.checkpoint import load_vision_encoder
-    from models.quantization import decode_tokens
+    from schemas.quantization import decode_tokens
     from schemas import manifest as mf
     from transforms.image_decode import decode_image
     model = mf.read(store)["model"]

@@ -210,7 +210,7 @@ class Bench:
         ids, mask, tok = self.inputs(c["check_batch"], c["m"], c["shape"]["hidden_size"], seed=1)
         ref = joint.to(self.device)(ids, mask, tok)
         out = {"logit_std": ref.std().item(), "max_abs_diff_fp32": (fast32(ids, mask, tok) - ref).abs().max().item()}
-        from models.quantization import dequantize_int8, quantize_int8
+        from schemas.quantization import dequantize_int8, quantize_int8
         q, s = quantize_int8(tok.cpu().numpy())
         deq = torch.from_numpy(dequantize_int8(q, s)).to(self.device)
         out["max_abs_diff_int8_entry_fp32"] = (fast32.forward_int8(ids.cpu(), mask.cpu(), torch.from_numpy(q),
@@ -251,7 +251,7 @@ class Bench:
 
     def int8_input(self, shape, m, batch):
         """Per batch: host (pinned) -> device copy + scoring, int8 vs float32 tokens."""
-        from models.quantization import quantize_int8
+        from schemas.quantization import quantize_int8
         fast, model, batch = getattr(self, "compiled_default", (None, None, batch))
         use_compiled = model is not None
         if not use_compiled:

@@ -25,10 +25,8 @@ import contextlib
 import json
 import os
 import sys
-import time
 
 import numpy as np
-import torch
 
 from bench.cpu import bare_rerank, log, run_precompute, run_rerank, spearman, store_ids
 
@@ -77,7 +75,8 @@ def job_scores(path, pairs):
 
 
 def t2i_r1(candidates, scores_path):
-    from pipeline.evaluate import evaluate, load_queries, load_scores
+    from evaluation.inputs import load_queries, load_scores
+    from evaluation.metrics import evaluate
     queries, _, _ = load_queries(candidates)
     report, _ = evaluate(queries, load_scores(scores_path, queries))
     return report["t2i"]["reranked"]["R@1"]

@@ -42,7 +42,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from models.checkpoint import embedding_dim, fingerprint, load_vision_encoder, read_config
-from models.quantization import quantize_int8
+from schemas.quantization import quantize_int8
 from pipeline import make_demo_shards
 from pipeline import precompute
 from schemas import columns as C

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from models.checkpoint import load_vision_encoder
-from pipeline.make_scenes import COLORS
+from scenes.vocabulary import COLORS
 from training.scenes import load_scenes
 
 

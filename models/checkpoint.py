@@ -104,6 +104,14 @@ def read_config(path) -> CheckpointConfig:
         raise CheckpointError(f"{path / CONFIG_FILE}: invalid JSON ({e})") from e
 
 
+def resolve_device(device: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r} (cpu, cuda or cuda:N)")
+    return device
+
+
 def fingerprint(path) -> str:
     path = resolve_dir(path)
     cfg = read_config(path)

@@ -218,7 +218,7 @@ class FastScorer(nn.Module):
         -> ``forward``'s arguments on the module's device.
 
         Copies the int8 bytes (4x fewer than float32 tokens), from pinned memory without blocking
-        the host, and dequantizes on the device exactly like ``models.quantization.dequantize_int8``
+        the host, and dequantizes on the device exactly like ``schemas.quantization.dequantize_int8``
         (a float32 product). Pin the host tensors once (the loader's job) to avoid a copy here."""
         device = self.word.weight.device
         pin = device.type == "cuda"

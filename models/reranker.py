@@ -51,7 +51,7 @@ class Reranker:
         """The first stage's cosine of ``query`` with each stored image embedding (what retrieve
         writes as candidate_scores), from the checkpoint's own text tower (retrieve's encoder)."""
         if self._text_encoder is None:
-            from transforms.text_handler import load_text_encoder
+            from models.text_encoder import load_text_encoder
             self._text_encoder = load_text_encoder(self.checkpoint, self.device)[0]
         text = self._text_encoder.encode([query])[0]
         embeddings = embeddings if embeddings is not None else self._rows(image_ids)[1]

@@ -1,5 +1,6 @@
 """Process exit for the jobs' command lines."""
 import argparse
+import atexit
 import logging
 import os
 import sys
@@ -10,8 +11,10 @@ def finish(code: int = 0) -> None:
 
     Arrow's native thread pools can abort the process while being destroyed at exit
     ("terminate called without an active exception", apache/arrow#34314) after all the work is
-    done; we have seen it here under load. Every output is complete and flushed by now.
+    done; we have seen it here under load. Every output is complete and flushed by now. The
+    atexit handlers do run: in them Beam stops the job servers it started (Prism's process).
     """
+    atexit._run_exitfuncs()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -100,9 +103,13 @@ LOCAL_RUNNERS = {None, "DirectRunner", "FnApiRunner", "BundleBasedDirectRunner",
 
 
 def show_progress(flag: str, options) -> bool:
-    """--progress on|off|auto; auto shows the bar for runners whose workers share this machine."""
-    from apache_beam.options.pipeline_options import StandardOptions
-    return flag == "on" or (flag == "auto" and options.view_as(StandardOptions).runner in LOCAL_RUNNERS)
+    """--progress on|off|auto; auto shows the bar for runners whose workers share this machine:
+    the local runners, and Prism with its default LOOPBACK environment (workers in this process)."""
+    from apache_beam.options.pipeline_options import PortableOptions, StandardOptions
+    runner = options.view_as(StandardOptions).runner
+    local = runner in LOCAL_RUNNERS or (
+        runner == "PrismRunner" and options.view_as(PortableOptions).environment_type in (None, "LOOPBACK"))
+    return flag == "on" or (flag == "auto" and local)
 
 
 def run_pipeline(pipeline, progress=None):

@@ -19,7 +19,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline._cli import (BeamJobCLI, add_flag, beam_counters, finish, job_main, resolve_precision, run_pipeline,
                            show_progress)
 from models.checkpoint import embedding_dim, fingerprint, read_config
-from models.quantization import CLI_NAMES, UnknownSchemeError, scheme_for_cli
+from schemas.quantization import CLI_NAMES, UnknownSchemeError, scheme_for_cli
 from schemas import columns as C
 from schemas import index as idx
 from schemas import manifest as mf
@@ -57,7 +57,7 @@ class PrecomputeOptions(PipelineOptions):
                             help="the forward pass: fp32; bf16 (a bf16 copy of the model on a CPU with amx_bf16 "
                                  "or avx512_bf16, autocast on a GPU); fp16 (GPU, autocast); int8 (CPU, ONNX "
                                  "Runtime, the edje[int8] extra); auto: the fastest measured on this machine. "
-                                 "The stored bytes depend on it (README: CPU precisions)")
+                                 "The stored bytes depend on it (docs/precisions.md)")
         add_flag(parser, "--decode", default="pil", choices=list(DECODERS),
                  help="image decoder: pil (PIL + open_clip's transform, one image at a time on the CPU), or "
                       "torchvision (JPEGs decoded in batches with torchvision.io.decode_jpeg on --device, "

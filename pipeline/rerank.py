@@ -59,7 +59,7 @@ class RerankOptions(PipelineOptions):
         add_flag(parser, "--precision", default="fp32", choices=list(CHOICES),
                  help="joint encoder: fp32; bf16 (torch autocast; on a CPU it needs amx_bf16 or avx512_bf16); "
                       "int8 on the CPU (ONNX Runtime, the edje[int8] extra); auto: the fastest measured on "
-                      "this machine (README: CPU precisions)")
+                      "this machine (docs/precisions.md)")
         add_flag(parser, "--progress", default="auto", choices=["auto", "on", "off"],
                  help="tqdm progress bar over the pairs scored, with ETA (auto: on for local runners)")
 

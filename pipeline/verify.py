@@ -20,7 +20,7 @@ from pipeline._cli import add_filesystem_flags, apply_filesystem_flags, finish
 from schemas import columns as C
 from schemas import manifest as mf
 from schemas import lease, storage
-from models.quantization import UnknownSchemeError
+from schemas.quantization import UnknownSchemeError
 from schemas.token_store import FAILURE_SCHEMA, INDEX_SCHEMA, QUANT_SCHEME, token_schema
 
 

@@ -149,7 +149,7 @@ def read(store: str) -> dict:
 
 
 def write(store: str, manifest: dict) -> int:
-    """Commits ``manifest``; returns its commit number. The protocol (README, "Token store"):
+    """Commits ``manifest``; returns its commit number. The protocol (docs/store.md, "The commit protocol"):
 
     1. every file the manifest lists is already in place under its final name;
     2. ``manifests/NNNNNNNNNN.json``, the next number, is written whole (temp name, then rename;

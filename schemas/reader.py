@@ -11,7 +11,7 @@ from schemas import columns as C
 from schemas import index as idx
 from schemas import manifest as mf
 from schemas import storage
-from models.quantization import UnknownSchemeError, get_scheme
+from schemas.quantization import UnknownSchemeError, get_scheme
 from schemas.token_store import binary_column_to_numpy
 
 

@@ -1,6 +1,7 @@
 """File access for the store through Beam's FileSystems (local paths, gs://, s3://, hdfs://)."""
 import hashlib
 import json
+import os
 import posixpath
 import uuid
 
@@ -10,7 +11,10 @@ from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from schemas import s3_clients
 from schemas.token_store import PARQUET_WRITE_OPTIONS
+
+s3_clients.install()
 
 TMP_PREFIX = ".tmp-"
 _CHUNK = 8 << 20
@@ -95,6 +99,12 @@ def create(path: str) -> "_HashingWriter":
     """A write channel for ``path`` (hashing and counting what passes; empty files work on S3 too)."""
     return _HashingWriter(FileSystems.create(path, mime_type="application/octet-stream",
                                              compression_type=CompressionTypes.UNCOMPRESSED))
+
+
+def make_dirs(path: str) -> None:
+    """Creates a local directory and its parents; object stores have no directories."""
+    if "://" not in path:
+        os.makedirs(path, exist_ok=True)
 
 
 def write_bytes_atomic(final_path: str, data: bytes) -> None:

@@ -1,7 +1,7 @@
 """Arrow schemas of the token store's Parquet files and how tokens are encoded in them.
 
 Tokens are stored as one ``fixed_size_binary`` value per image, ``token_scales`` as another, in
-the layout of the store's quantization scheme (``models.quantization``; the widths follow the
+the layout of the store's quantization scheme (``schemas.quantization``; the widths follow the
 scheme, the columns are the same for all). ``embedding`` is the L2-normalised pooled embedding
 as little-endian float16. Decode of the default scheme, ``int8_absmax_per_token``::
 
@@ -10,7 +10,7 @@ as little-endian float16. Decode of the default scheme, ``int8_absmax_per_token`
     tokens = q.astype(np.float32) * s[:, None]
     emb = np.frombuffer(row["embedding"], "<f2")
 
-and of any scheme: ``models.quantization.decode_tokens(row["tokens"], row["token_scales"],
+and of any scheme: ``schemas.quantization.decode_tokens(row["tokens"], row["token_scales"],
 num_tokens, token_dim, scheme)``.
 
 Fixed-size binary was measured against an Arrow ``fixed_shape_tensor`` column (FACTS.md:
@@ -18,7 +18,7 @@ Fixed-size binary was measured against an Arrow ``fixed_shape_tensor`` column (F
 """
 import pyarrow as pa
 
-from models.quantization import DEFAULT_SCHEME, get_scheme
+from schemas.quantization import DEFAULT_SCHEME, get_scheme
 from schemas import columns as C
 
 # The default scheme, and the one of every store written before the scheme could be chosen.

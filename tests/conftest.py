@@ -1,6 +1,7 @@
 """Shared fixtures: every shard and store is generated here, in code."""
 import io
 import os
+import subprocess
 import tarfile
 import tempfile
 
@@ -12,6 +13,28 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from pipeline import make_demo_shards, precompute  # noqa: E402
 
 BEAM_LOCAL = ["--runner=DirectRunner", "--progress=off"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One-off downloads and builds of the engines the selected tests run on (cached after the first
+# time): started when collection ends, so that they overlap the tests before them.
+ENGINE_SETUP = {"flink": ["bash", "scripts/flink_local.sh", "fetch"],  # the jars: network-bound
+                "prism": ["nice", "-n", "19", "bash", "scripts/prism.sh", "build"]}  # a Go build
+_engine_setup = {}
+
+
+def pytest_collection_finish(session):
+    wanted = {m for item in session.items for m in ENGINE_SETUP if item.get_closest_marker(m)}
+    for marker in sorted(wanted):
+        log = open(os.path.join(tempfile.gettempdir(), f"edje-{marker}-setup-{os.getpid()}.log"), "wb")
+        _engine_setup[marker] = subprocess.Popen(ENGINE_SETUP[marker], cwd=ROOT, stdout=log, stderr=log)
+
+
+def wait_for_engine_setup(marker: str) -> None:
+    """Waits for the background setup of ``marker``'s engine. Its outcome is not read here: the
+    test's own call of the script reuses a finished setup and reports a failed one."""
+    proc = _engine_setup.pop(marker, None)
+    if proc is not None:
+        proc.wait()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,6 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from evaluation import inputs, metrics, strips
+from evaluation.report import markdown_table
 from pipeline import evaluate, rerank, retrieve
 from tests.conftest import demo_members, write_tar
 
@@ -78,9 +80,9 @@ def test_t2i_recall_by_hand(tmp_path):
 
 
 def test_t2i_rankings_put_unscored_candidates_last_in_first_stage_order():
-    queries = {"q": evaluate.Query("q", "t", ["a", "b", "c", "d", "e"], None, frozenset({"e"}))}
-    scores = {"q": [evaluate.Scored("d", 1, 0.0), evaluate.Scored("b", 2, -1.0)]}
-    assert evaluate.t2i_rankings(queries, scores) == {"q": (["a", "b", "c", "d", "e"], ["d", "b", "a", "c", "e"])}
+    queries = {"q": inputs.Query("q", "t", ["a", "b", "c", "d", "e"], None, frozenset({"e"}))}
+    scores = {"q": [inputs.Scored("d", 1, 0.0), inputs.Scored("b", 2, -1.0)]}
+    assert metrics.t2i_rankings(queries, scores) == {"q": (["a", "b", "c", "d", "e"], ["d", "b", "a", "c", "e"])}
 
 
 # ---------------------------------------------------------------- I2T by hand
@@ -101,7 +103,7 @@ I2T_SCORES = score_rows({"q1": [("A", 5.0), ("B", 4.0)], "q2": [("A", 1.0), ("C"
 
 def test_i2t_by_hand(tmp_path):
     result, _ = run_eval(tmp_path, I2T_QUERIES, I2T_SCORES, "--ks", "1,2,5")
-    i2t = evaluate.i2t_rankings(*_loaded(tmp_path))
+    i2t = metrics.i2t_rankings(*_loaded(tmp_path))
     assert i2t["A"] == (["q2", "q1", "q3", "q4"],  # by candidate score; q4 has none: last
                         ["q1", "q4", "q2", "q3"],  # by rerank score; (q3, A) unscored: last
                         {"q1"})
@@ -119,8 +121,8 @@ def test_i2t_by_hand(tmp_path):
 
 
 def _loaded(tmp_path):
-    queries, _, _ = evaluate.load_queries(str(tmp_path / "candidates.jsonl"))
-    return queries, evaluate.load_scores(str(tmp_path / "scores.jsonl"), queries)
+    queries, _, _ = inputs.load_queries(str(tmp_path / "candidates.jsonl"))
+    return queries, inputs.load_scores(str(tmp_path / "scores.jsonl"), queries)
 
 
 def test_i2t_ranks_by_fused_score_when_present(tmp_path):
@@ -129,7 +131,7 @@ def test_i2t_ranks_by_fused_score_when_present(tmp_path):
     for r in rows:
         r["fused_score"] = {("q6", "E"): 2.0, ("q1", "A"): -1.0}.get((r["query_id"], r["image_id"]), r["score"])
     run_eval(tmp_path, I2T_QUERIES[:6], rows)
-    i2t = evaluate.i2t_rankings(*_loaded(tmp_path))
+    i2t = metrics.i2t_rankings(*_loaded(tmp_path))
     assert i2t["E"][1] == ["q6", "q5"] and i2t["A"][1] == ["q4", "q2", "q1", "q3"]
 
 
@@ -151,7 +153,7 @@ def test_report_json_shape_markdown_and_plot(tmp_path, capsys):
             assert all(isinstance(v, float) and 0 <= v <= 100 and round(v, 2) == v for v in stage.values())
     assert report["t2i"]["first_stage"]["R@1"] == 50.0  # q1, q3, q6 hit at 1, of 6 queries
     md = (out / "report.md").read_text()
-    table = evaluate.markdown_table(report)
+    table = markdown_table(report)
     assert table in md
     lines = table.splitlines()
     assert lines[0] == "| | T2I R@1 | T2I R@5 | T2I R@10 | I2T R@1 | I2T R@5 | I2T R@10 |"
@@ -191,15 +193,15 @@ def test_bad_scores_file_exits_1_naming_the_query(tmp_path, capsys, change, mess
 
 def test_nothing_to_evaluate_and_bad_flags(tmp_path, capsys):
     queries = [{"query_id": "q", "text": "t", "candidates": ["a"]}]
-    with pytest.raises(evaluate.EvaluateError, match="no query to evaluate"):
+    with pytest.raises(inputs.EvaluateError, match="no query to evaluate"):
         run_eval(tmp_path, queries, score_rows({"q": [("a", 1.0)]}))
     with pytest.raises(SystemExit):
         run_eval(tmp_path, queries, [], "--ks", "0,5")
-    with pytest.raises(evaluate.EvaluateError, match="no WebDataset shard"):
+    with pytest.raises(inputs.EvaluateError, match="no WebDataset shard"):
         run_eval(tmp_path, I2T_QUERIES, I2T_SCORES, "--images", str(tmp_path / "none-*.tar"))
-    with pytest.raises(evaluate.EvaluateError, match="no query file matches"):
+    with pytest.raises(inputs.EvaluateError, match="no query file matches"):
         evaluate.run(["--queries", str(tmp_path / "nope.jsonl"), "--scores", "x", "--output", str(tmp_path)])
-    with pytest.raises(evaluate.EvaluateError, match="cannot read scores file"):
+    with pytest.raises(inputs.EvaluateError, match="cannot read scores file"):
         evaluate.run(["--queries", str(tmp_path / "candidates.jsonl"), "--scores", str(tmp_path / "nope.parquet"),
                       "--output", str(tmp_path)])
 
@@ -235,19 +237,19 @@ def test_strips_from_a_generated_shard(tmp_path):
     assert [n for n in names if n != "q2.png"][0].startswith("dir_q1-")
     with Image.open(out / "strips" / "q2.png") as im:
         im = im.convert("RGB")
-        width = evaluate.LABEL_W + evaluate.STRIP_TOP * (evaluate.THUMB + evaluate.PAD) + evaluate.PAD
+        width = strips.LABEL_W + strips.STRIP_TOP * (strips.THUMB + strips.PAD) + strips.PAD
         assert im.width == width and 250 < im.height < 400
-        top = 2 * evaluate.PAD + 18  # one line of query text
-        row_h = evaluate.THUMB + evaluate.CAPTION_H + evaluate.PAD
+        top = 2 * strips.PAD + 18  # one line of query text
+        row_h = strips.THUMB + strips.CAPTION_H + strips.PAD
 
         def tile(row, i, dx, dy):
-            return im.getpixel((evaluate.LABEL_W + i * (evaluate.THUMB + evaluate.PAD) + dx, top + row * row_h + dy))
+            return im.getpixel((strips.LABEL_W + i * (strips.THUMB + strips.PAD) + dx, top + row * row_h + dy))
 
         # q2: candidates A (not relevant), C (relevant); reranked: A, C as well
-        mid = evaluate.THUMB // 2
-        assert tile(0, 0, 1, mid) == evaluate.GREY and tile(0, 1, 1, mid) == evaluate.GREEN
+        mid = strips.THUMB // 2
+        assert tile(0, 0, 1, mid) == strips.GREY and tile(0, 1, 1, mid) == strips.GREEN
         assert tile(0, 0, mid, mid) == colours["A"] and tile(0, 1, mid, mid) == colours["C"]
-        assert tile(1, 1, 1, mid) == evaluate.GREEN
+        assert tile(1, 1, 1, mid) == strips.GREEN
         assert tile(0, 2, mid, mid) == (255, 255, 255)  # only two candidates: no third tile
 
 

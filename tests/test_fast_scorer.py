@@ -5,7 +5,7 @@ import torch
 
 from models.fast_scorer import FastScorer
 from models.joint_encoder import JointEncoder, JointEncoderConfig
-from models.quantization import dequantize_int8, quantize_int8
+from schemas.quantization import dequantize_int8, quantize_int8
 
 
 @pytest.fixture(scope="module")

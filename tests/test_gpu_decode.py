@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.quantization import decode_embedding, decode_tokens
+from schemas.quantization import decode_embedding, decode_tokens
 from pipeline.make_demo_shards import load_photo
 from pipeline.verify import verify
 from schemas import manifest as mf

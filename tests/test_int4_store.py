@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from models.quantization import INT4, INT8
+from schemas.quantization import INT4, INT8
 from models.reranker import Reranker
 from pipeline import verify as verify_mod
 from schemas.reader import StoreError, TokenStore

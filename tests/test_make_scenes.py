@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 
 from pipeline import make_scenes as ms
+from scenes import vocabulary
 from tests.conftest import run_precompute
 
-COLOR = "|".join(ms.COLORS)
-SHAPE = "|".join(ms.SHAPES)
+COLOR = "|".join(vocabulary.COLORS)
+SHAPE = "|".join(vocabulary.SHAPES)
 MENTION = re.compile(rf"\b(?:(small|large) )?({COLOR}) ({SHAPE})\b")
 NEAR = {"to its left": "left of", "to its right": "right of", "above it": "above", "below it": "below"}
 KEY = re.compile(r"(train|test)(\d{6})v([0-3])")
@@ -167,7 +168,7 @@ def test_variants_are_the_stated_changes(train, three):
             (s0, c0, z0), (s1, c1, z1) = v0[:2]
             assert len({o[0] for o in v0}) == len(v0) and len({o[1] for o in v0}) == len(v0)
             assert v1 == [(s0, c1, z0), (s1, c0, z1), *v0[2:]] and rel[1] == rel[0]
-            assert v2 == v0 and rel[2] == ms.INVERSE[rel[0]]
+            assert v2 == v0 and rel[2] == vocabulary.INVERSE[rel[0]]
             assert rel[3] == rel[0]
             diffs = [(a, b) for oa, ob in zip(v0, v3) for a, b in zip(oa, ob) if a != b]
             assert len(diffs) == 1
@@ -188,9 +189,9 @@ def test_splits_never_share_a_scene(train, test_split, three, tmp_path_factory):
     assert not tr & te
     for d, split in ((train[0], "train"), (test_split[0], "test"), (three[0], "test")):
         for g in graphs(d).values():
-            objs = [ms.Obj(o["shape"], o["color"], o["size"]) for o in g["objects"]]
-            assert g["split"] == split == ms.split_of(objs, g["relation"])
-            assert ms.scene_signature(g["objects"], g["relation"]) == ms.scene_signature(objs, g["relation"])
+            objs = [vocabulary.Obj(o["shape"], o["color"], o["size"]) for o in g["objects"]]
+            assert g["split"] == split == vocabulary.split_of(objs, g["relation"])
+            assert vocabulary.scene_signature(g["objects"], g["relation"]) == vocabulary.scene_signature(objs, g["relation"])
     # different seeds give different scenes
     first = [g["caption"] for _, g in sorted(graphs(train[0]).items())][:800]
     assert first != [g["caption"] for _, g in sorted(graphs(other).items())]
@@ -217,7 +218,7 @@ def test_images_decode_and_match_their_scene_graph(train, three):
             assert im.format == "PNG" and im.mode == "RGB" and im.size == (64, 64)
             g = json.loads(s["json"])
             for o in g["objects"]:
-                assert im.getpixel((int(o["x"]), int(o["y"]))) == ms.COLORS[o["color"]], (key, o)
+                assert im.getpixel((int(o["x"]), int(o["y"]))) == vocabulary.COLORS[o["color"]], (key, o)
                 assert o["r"] <= o["x"] <= 64 - o["r"] and o["r"] <= o["y"] <= 64 - o["r"]
             for a, b in itertools.combinations(g["objects"], 2):
                 assert ((a["x"] - b["x"]) ** 2 + (a["y"] - b["y"]) ** 2) ** 0.5 > a["r"] + b["r"] + 1
@@ -254,7 +255,7 @@ def test_shard_and_query_layout(train, capsys, tmp_path):
     scene = {k: json.loads(s["json"]) for k, s in samples.items()}
 
     def says(k, with_size):
-        return ms.scene_signature(scene[k]["objects"], scene[k]["relation"], with_size)
+        return vocabulary.scene_signature(scene[k]["objects"], scene[k]["relation"], with_size)
     for q in queries:
         g = scene[q["query_id"]]
         w = g["sizes_in_caption"]  # a caption without sizes is true for the scene at any sizes

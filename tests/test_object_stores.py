@@ -1,6 +1,7 @@
 """The whole chain with inputs, store and outputs on object stores: moto's S3 server and the GCS
 emulator, real servers on loopback started by the fixtures. Both also get multi_processing
 workers and a flipped byte; S3 gets kill -9 and rerun, a second writer and the Python API."""
+import importlib
 import io
 import json
 import os
@@ -43,6 +44,7 @@ def upload_img2dataset_shards(store, prefix="shards"):
 
 
 def job(store, *args, check=True, flags=True, env=None):
+    """A job as a command: its own process, exit status, stdout and stderr."""
     env = {**os.environ, **store.env, **(env or {})}
     r = subprocess.run([sys.executable, "-m", *args, *(store.flags if flags else [])], cwd=ROOT,
                        capture_output=True, text=True, timeout=300, env=env)
@@ -50,6 +52,19 @@ def job(store, *args, check=True, flags=True, env=None):
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+def job_here(capsys, store, module, *args):
+    """The same job through its main() in this process (no interpreter start-up to pay); it must
+    succeed. -> (stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        code = importlib.import_module(module).main([*args, *store.flags])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code in (None, 0), err[-3000:]
+    return out, err
 
 
 def precompute_args(store, key="store", *extra):
@@ -64,20 +79,21 @@ def stored_ids(store, key="store"):
     return sorted(ids)
 
 
-def chain(store):
+def chain(store, capsys):
     queries, good = upload_img2dataset_shards(store)
-    job(store, *precompute_args(store))
-    report = json.loads(job(store, "pipeline.verify", "--store", store.url("store")).stdout)
+    job_here(capsys, store, *precompute_args(store))
+    report = json.loads(job_here(capsys, store, "pipeline.verify", "--store", store.url("store"))[0])
     assert report["ok"] and report["rows"] == len(good) and report["commit"] == 1
     assert stored_ids(store) == good
-    r = job(store, "pipeline.retrieve", "--runner=DirectRunner", "--queries", queries, "--store",
-            store.url("store"), "--top_k", "5", "--output", store.url("out/candidates.jsonl"))
-    assert "retrieve: 100%" in r.stderr  # the progress bar, local runner
-    r = job(store, "pipeline.rerank", "--runner=DirectRunner", "--queries", store.url("out/candidates.jsonl"),
-            "--store", store.url("store"), "--output", store.url("out/scores.parquet"))
-    assert "rerank: 100%" in r.stderr
-    assert json.loads(r.stdout.strip().splitlines()[-1])["pairs"] == 5 * len(good)
-    job(store, "pipeline.evaluate", "--queries", store.url("out/candidates.jsonl"), "--scores",
+    _, err = job_here(capsys, store, "pipeline.retrieve", "--runner=DirectRunner", "--queries", queries, "--store",
+                      store.url("store"), "--top_k", "5", "--output", store.url("out/candidates.jsonl"))
+    assert "retrieve: 100%" in err  # the progress bar, local runner
+    out, err = job_here(capsys, store, "pipeline.rerank", "--runner=DirectRunner", "--queries",
+                        store.url("out/candidates.jsonl"), "--store", store.url("store"),
+                        "--output", store.url("out/scores.parquet"))
+    assert "rerank: 100%" in err
+    assert json.loads(out.strip().splitlines()[-1])["pairs"] == 5 * len(good)
+    job_here(capsys, store, "pipeline.evaluate", "--queries", store.url("out/candidates.jsonl"), "--scores",
         store.url("out/scores.parquet"), "--output", store.url("out/report"),
         "--images", store.url("shards/{00000..00002}.tar"), "--strips", "2")
     keys = set(store.keys())
@@ -98,9 +114,10 @@ def bucket(request):
     return request.getfixturevalue(request.param)
 
 
-def test_the_whole_chain_on_an_object_store(bucket):
-    """The chain; then multi_processing workers write the same store; then a flipped byte."""
-    good = chain(bucket)
+def test_the_whole_chain_on_an_object_store(bucket, capsys):
+    """The chain; then multi_processing workers write the same store; then a flipped byte (these
+    two as commands of their own)."""
+    good = chain(bucket, capsys)
     job(bucket, *precompute_args(bucket, "mp", "--direct_num_workers=2", "--direct_running_mode=multi_processing"))
     a, b = snapshot(bucket, "store"), snapshot(bucket, "mp")
     assert a[1] == b[1]
@@ -137,9 +154,9 @@ def snapshot(store, key):
     return manifest, files
 
 
-def test_kill_9_mid_precompute_then_rerun_gives_the_clean_store(s3):
+def test_kill_9_mid_precompute_then_rerun_gives_the_clean_store(s3, capsys):
     upload_img2dataset_shards(s3)
-    job(s3, *precompute_args(s3, "clean", "--batch_size", "4"))
+    job_here(capsys, s3, *precompute_args(s3, "clean", "--batch_size", "4"))
     cmd = [sys.executable, "-m", *precompute_args(s3, "killed", "--batch_size", "4"), *s3.flags]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -154,11 +171,11 @@ def test_kill_9_mid_precompute_then_rerun_gives_the_clean_store(s3):
             proc.kill()
     assert "killed/manifest.json" not in s3.keys("killed/")
     assert "killed/lease.json" in s3.keys("killed/")  # the dead job's lease: broken by the rerun at once
-    job(s3, *precompute_args(s3, "killed", "--batch_size", "4"))
+    job_here(capsys, s3, *precompute_args(s3, "killed", "--batch_size", "4"))
     assert snapshot(s3, "killed") == snapshot(s3, "clean")
     leftover = [k for k in s3.keys("killed/") if "/.tmp-" in k or k.endswith("lease.json")]
     assert leftover == []
-    assert json.loads(job(s3, "pipeline.verify", "--store", s3.url("killed")).stdout)["ok"]
+    assert json.loads(job_here(capsys, s3, "pipeline.verify", "--store", s3.url("killed"))[0])["ok"]
 
 
 def test_a_second_writer_is_refused_and_the_store_stays_valid(s3):
@@ -189,3 +206,22 @@ def test_make_scenes_writes_to_s3_and_training_reads_from_it(s3, tmp_path):
     remote = load_scenes(s3.url("scenes/{00000..00001}.tar"), lambda image: torch.zeros(1))
     assert remote["keys"] == local["keys"] and remote["captions"] == local["captions"]
     assert remote["relevant"] == local["relevant"]
+
+
+def test_beam_s3_calls_share_one_boto3_client_and_readers_stay_apart(s3):
+    """schemas/s3_clients.py: Beam builds a client wrapper per call; they share the boto3 client of
+    their options (another endpoint gets its own), and two files read at once stay apart."""
+    from apache_beam.io.aws import s3io
+    from apache_beam.io.filesystems import FileSystems
+    from schemas import storage
+    storage.set_filesystem_options(s3.options)
+    a, b = s3io.S3IO(options=s3.options), s3io.S3IO(options=s3.options)
+    other = s3io.S3IO(options={**s3.options, "s3_endpoint_url": s3.endpoint.replace("127.0.0.1", "localhost")})
+    assert a.client.client is b.client.client and a.client is not b.client
+    assert other.client.client is not a.client.client
+    s3.put("x", bytes(range(256)) * 400)
+    s3.put("y", bytes(reversed(range(256))) * 400)
+    fx, fy = FileSystems.open(s3.url("x")), FileSystems.open(s3.url("y"))
+    parts = [(fx.read(1000), fy.read(3000)) for _ in range(20)]
+    assert b"".join(p[0] for p in parts) + fx.read() == s3.get("x")
+    assert b"".join(p[1] for p in parts) + fy.read() == s3.get("y")

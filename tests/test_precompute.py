@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from models.checkpoint import load_vision_encoder
-from models.quantization import decode_embedding, decode_tokens
+from schemas.quantization import decode_embedding, decode_tokens
 from pipeline.verify import verify
 from schemas import index as idx
 from schemas import manifest as mf

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from models.quantization import decode_tokens, dequantize_int8, quantize_int8
+from schemas.quantization import decode_tokens, dequantize_int8, quantize_int8
 
 
 def test_int8_per_token_error_is_within_half_a_step():
@@ -33,7 +33,7 @@ def test_decode_from_stored_bytes():
 
 
 # ---------------------------------------------------------------- int4_absmax_channel_token
-from models.quantization import (INT4, INT8, SCHEMES, UnknownSchemeError, dequantize_int4, get_scheme,  # noqa: E402
+from schemas.quantization import (INT4, INT8, SCHEMES, UnknownSchemeError, dequantize_int4, get_scheme,  # noqa: E402
                                  pack_int4, quantize_int4, scheme_for_cli, unpack_int4)
 from schemas.token_store import token_schema  # noqa: E402
 

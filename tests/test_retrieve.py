@@ -193,7 +193,7 @@ def test_command_line_store_smaller_than_top_k(demo_store, tmp_path):
 def test_a_query_embeds_the_same_in_any_batch():
     """The text tower's kernels block by row count; a text's embedding must not depend on how many
     others share its batch (runners bundle differently: Flink's bundles are not the DirectRunner's)."""
-    from transforms.text_handler import load_text_encoder
+    from models.text_encoder import load_text_encoder
     torch.set_num_threads(1)
     encoder, _ = load_text_encoder(None)
     texts = [f"a {c} {s} to the left of a {d} {t}" for c, d in (("red", "blue"), ("white", "green"))

@@ -209,21 +209,21 @@ def test_reduced_edje_run_on_the_shipped_backbone_grounds_object_words(tmp_path)
     """A real, reduced edje stage (objects-MLM only, on the embedded checkpoint's trained backbone):
     masked colour and shape words come to be read from the caption's own image, not another's."""
     scenes = tmp_path / "scenes"
-    make_scenes.main(["--split", "train", "--n", "800", "--seed", "5", "--output", str(scenes)])
+    make_scenes.main(["--split", "train", "--n", "400", "--seed", "5", "--output", str(scenes)])
     out = tmp_path / "run"
     train.run(["--stage", "edje", "--loader", "memory", "--backbone", "models/default", "--data", f"{scenes}/*.tar",
                "--output", str(out), "--device", "cpu", "--seed", "0", "--val_fraction", "0.2",
                "--batch_size_edje", "32", "--joint_layers", "2", "--text_layers", "1", "--frozen_text_layers", "0",
                "--num_tokens", "16", "--max_text_tokens", "32", "--image_positions", "fixed", "--adapter_cells",
                "--adapter_output_positions", "--adapter_output_norm", "1.0", "--mlm_words", "objects",
-               "--mlm_only_steps", "300", "--max_steps_edje", "300", "--max_minutes_edje", "30",
+               "--mlm_only_steps", "200", "--max_steps_edje", "200", "--max_minutes_edje", "30",
                "--eval_every", "100", "--warmup", "20"])
     history = json.loads((out / "edje" / "history.json").read_text())
     first, last = history[0]["val_grounding"], history[-1]["val_grounding"]
     # colour words ground first: they rise and are read from the caption's own image
     assert last["colour"]["own"] > first["colour"]["own"] + 10, (first, last)
     assert last["colour"]["own"] > last["colour"]["other"] + 15, last
-    # shape words follow (slower; at these 300 steps they have started)
+    # shape words follow (slower; at these 200 steps they have started)
     assert last["shape"]["own"] > first["shape"]["own"] and last["shape"]["own"] > last["shape"]["other"] + 5, last
 
 

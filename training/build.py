@@ -90,7 +90,7 @@ def init_position_words(adapter, tokenizer, word_embeddings: torch.Tensor, scale
 def scene_word_classes(tokenizer, captions):
     """(ids, mask, word class per token (-1: none)) of captions under the scenes' vocabulary."""
     from models.mlm import SPATIAL_WORDS
-    from pipeline.make_scenes import COLORS, SHAPES, SIZES
+    from scenes.vocabulary import COLORS, SHAPES, SIZES
     vocab = {**{w: 0 for w in COLORS}, **{w: 1 for w in SHAPES}, **{w: 2 for w in SIZES},
              **{w: 3 for w in SPATIAL_WORDS}}
     ids, mask, words, strings = caption_words(tokenizer, captions, "all")

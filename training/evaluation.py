@@ -1,5 +1,5 @@
 """Held-out checks during and after training: scene-group accuracy, grounding per word class, and
-recall@k of the first stage vs reranked (through ``pipeline.evaluate``'s metric code)."""
+recall@k of the first stage vs reranked (through ``evaluation.metrics``, the evaluate job's code)."""
 import collections
 import logging
 
@@ -123,8 +123,9 @@ def _ranked(sim: torch.Tensor, scores: torch.Tensor, cand: torch.Tensor, w: floa
 
 def recall_report(keys, captions, relevant, sim, cand, scores, w: float, ks=(1, 5, 10)) -> dict:
     """T2I and I2T recall@k, first stage vs reranked (and the joint encoder alone when fused), by
-    ``pipeline.evaluate.evaluate``: the numbers its report would print for these scores."""
-    from pipeline.evaluate import Query, Scored, evaluate
+    ``evaluation.metrics.evaluate``: the numbers its report would print for these scores."""
+    from evaluation.inputs import Query, Scored
+    from evaluation.metrics import evaluate
     first, key, logit = _ranked(sim, scores, cand, w)
     queries, scored = {}, {}
     for q in range(len(cand)):

@@ -20,7 +20,7 @@ import torch
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
-from models.quantization import get_scheme
+from schemas.quantization import get_scheme
 from schemas import columns as C
 from schemas import shard_stats, storage
 from schemas.token_store import FAILURE_SCHEMA, QUANT_SCHEME, TOKEN_ROW_GROUP_SIZE, shard_metadata, token_schema
@@ -67,7 +67,7 @@ class EncodeConfig:
     max_member_bytes: int = 64 << 20
     max_pixels: int = 89_478_485
     decode: str = "pil"  # "pil", or "torchvision": JPEGs decoded + preprocessed on `device` in batches
-    quantization: str = QUANT_SCHEME  # a scheme name of models.quantization.SCHEMES
+    quantization: str = QUANT_SCHEME  # a scheme name of schemas.quantization.SCHEMES
     max_failure_rate: float = 0.5
     failure_budget_min_samples: int = 20
 

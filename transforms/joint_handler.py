@@ -6,9 +6,8 @@ import numpy as np
 import torch
 from apache_beam.ml.inference.base import ModelHandler
 
-from models.checkpoint import load_scorer
+from models.checkpoint import load_scorer, resolve_device
 from models.joint_encoder import score_batch
-from transforms.vision_handler import resolve_device
 
 log = logging.getLogger(__name__)
 

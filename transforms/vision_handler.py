@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from apache_beam.ml.inference.base import ModelHandler
 
-from models.checkpoint import VisionEncoder, load_vision_encoder
+from models.checkpoint import VisionEncoder, load_vision_encoder, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -18,14 +18,6 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8
 class EncodedImage(NamedTuple):
     tokens: np.ndarray  # (m, h) float32, adapter output
     embedding: np.ndarray  # (d,) float32, L2-normalised
-
-
-def resolve_device(device: str) -> str:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"unknown device {device!r} (cpu, cuda or cuda:N)")
-    return device
 
 
 class VisionModelHandler(ModelHandler[torch.Tensor, EncodedImage, VisionEncoder]):

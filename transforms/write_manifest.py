@@ -10,7 +10,7 @@ from schemas import columns as C
 from schemas import index as idx
 from schemas import manifest as mf
 from schemas import lease, shard_stats, storage
-from models.quantization import get_scheme
+from schemas.quantization import get_scheme
 from schemas.token_store import QUANT_SCHEME
 from transforms.write_index import write_bucket
 

@@ -1,0 +1,4 @@
+"""Evaluation as a library: reading candidates and scores, recall@k, report files, image strips.
+
+pipeline/evaluate.py is its command line; training and bench call these modules directly.
+"""
