@@ -73,11 +73,12 @@ def write_shard(path: str, samples) -> None:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--output", required=True, help="directory for NNNNN.tar shards")
-    ap.add_argument("--shards", type=int, default=3)
-    ap.add_argument("--per_shard", type=int, default=24)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(prog="python -m pipeline.make_demo_shards", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--output", required=True, help="directory for NNNNN.tar shards and queries.jsonl")
+    ap.add_argument("--shards", type=int, default=3, help="number of shards")
+    ap.add_argument("--per_shard", type=int, default=24, help="samples per shard")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the crops (the same seed, the same shards)")
     args = ap.parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
     relevant = {}

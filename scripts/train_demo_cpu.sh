@@ -4,8 +4,8 @@
 # Data (20k training scenes, 2k test scenes), clip stage (3,100 steps of batch 128, 44 minutes
 # here; stops earlier at a validation plateau), edje stage (3,000 steps, 41 minutes: 2,000
 # MLM-only steps masking every object word of a caption at once, then ITM + MLM fused with the
-# first stage), then the test split's rerank gain: 88 minutes in all here (README, "Benchmark,
-# training, evaluation"). Both stages run on step budgets, and training on the CPU uses
+# first stage), then the test split's rerank gain: 88 minutes in all here
+# (docs/scenes.md). Both stages run on step budgets, and training on the CPU uses
 # deterministic kernels, so a rerun on the same machine type and library versions writes the same
 # checkpoint bit for bit, however loaded the machine is; the minute limits only stop a stage that
 # runs far slower than here, with a warning and done.json "stopped": "time". Run from the

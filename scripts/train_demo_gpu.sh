@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains the demo checkpoint on one GPU (about 8 minutes on an H200, data generation included):
 #   scripts/train_demo_gpu.sh OUT_DIR
-# Needs the project's packages importable (see README, "Training the demo checkpoint").
+# Needs the project's packages importable (see docs/scenes.md).
 set -euo pipefail
 OUT=${1:?usage: scripts/train_demo_gpu.sh OUT_DIR}
 WORK=${WORK:-/tmp/edje-train}

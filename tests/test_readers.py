@@ -1,7 +1,7 @@
 """The store is readable without project code: pyarrow, DuckDB and Polars.
 
-The reader snippets are taken verbatim from README.md (the code block after each
-``<!-- snippet: NAME -->`` marker) and run against the demo store, so the README cannot drift
+The reader snippets are taken verbatim from docs/store.md (the code block after each
+``<!-- snippet: NAME -->`` marker) and run against the demo store, so the docs cannot drift
 from what works.
 """
 import json
@@ -11,18 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.quantization import decode_embedding, decode_tokens
+from schemas.quantization import decode_embedding, decode_tokens
 from pipeline import verify
 from schemas import index as idx
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+STORE_DOC = Path(__file__).resolve().parent.parent / "docs" / "store.md"  # the snippets of "Reading the store"
 FP16_NORM_TOL = 2e-3  # fp16 has an 11-bit mantissa: ~5e-4 relative error per element
 
 
 def readme_snippet(name: str) -> str:
-    text = README.read_text(encoding="utf-8")
+    text = STORE_DOC.read_text(encoding="utf-8")
     m = re.search(r"<!-- snippet: %s -->\s*```python\n(.*?)```" % re.escape(name), text, re.S)
-    assert m, f"README.md has no python block after <!-- snippet: {name} -->"
+    assert m, f"docs/store.md has no python block after <!-- snippet: {name} -->"
     return m.group(1)
 
 
@@ -34,7 +34,7 @@ def run_snippet(name: str, store, **replace) -> dict:
         assert f'"{placeholder}"' in code
         code = code.replace(f'"{placeholder}"', repr(value))
     namespace = {"__name__": f"readme_snippet_{name}"}
-    exec(compile(code, f"README.md:{name}", "exec"), namespace)
+    exec(compile(code, f"docs/store.md:{name}", "exec"), namespace)
     return namespace
 
 
@@ -86,7 +86,7 @@ def test_pyarrow_reads_and_decodes(pa_ns, manifest):
     assert table.schema.field("token_scales").type.byte_width == n * 4
     assert table.schema.field("embedding").type.byte_width == e * 2
 
-    # one row: the README recipe == models.quantization helpers
+    # one row: the docs recipe == schemas.quantization helpers
     row = pa_ns["row"]
     assert pa_ns["tokens"].shape == (n, d) and pa_ns["tokens"].dtype == np.float32
     np.testing.assert_array_equal(pa_ns["tokens"], decode_tokens(row["tokens"], row["token_scales"], n, d))
@@ -162,7 +162,7 @@ def test_index_lookup(store, manifest, pa_ns):
 
 
 def test_int4_snippet_decodes_like_the_project(demo_store_int4):
-    """The README's numpy-only int4 decode == models.quantization.decode_tokens, for every row."""
+    """The docs' numpy-only int4 decode == schemas.quantization.decode_tokens, for every row."""
     store, _ = demo_store_int4
     ns = run_snippet("int4", store)
     manifest = json.loads((store / "manifest.json").read_text())
