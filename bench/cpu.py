@@ -86,7 +86,7 @@ def make_checkpoint(path):
 
 
 def make_shards(directory, shards, per_shard):
-    from pipeline.make_demo_shards import demo_samples, write_shard
+    from scenes.photos import demo_samples, write_shard
     os.makedirs(directory, exist_ok=True)
     paths = []
     for s in range(shards):
@@ -496,7 +496,7 @@ def main(argv=None):
                precompute_ratio_incl_load=round(max(beam_rates) / max(plain_load_rates), 3))
 
     # -- token bytes per element, from the real 64x384 store
-    from pipeline.precompute import token_column_bytes_per_element
+    from schemas.reader import token_column_bytes_per_element
     from schemas import manifest as mf
     manifest = mf.read(store)
     res["token_bytes_per_element"] = token_column_bytes_per_element(store, manifest)
@@ -535,7 +535,7 @@ def main(argv=None):
     small = os.path.join(work, "store-10k")
     write_synthetic_store(small, model, n_small, args.rows_per_shard, link_from=written[:n_small])
     log(f"synthetic stores written in {time.perf_counter() - t:.1f} s")
-    from pipeline.verify import verify
+    from schemas.verify import verify
     v = verify(small, check_hash=True)
     res["synthetic_small_store_verify_ok"] = v["ok"]
     # the same measure on incompressible (random) int8 tokens: what a trained model's tokens approach

@@ -50,7 +50,7 @@ def make_checkpoint(path):
 
 
 def _write_one(args):
-    from pipeline.make_demo_shards import demo_samples, write_shard
+    from scenes.photos import demo_samples, write_shard
     directory, shard, per_shard = args
     write_shard(os.path.join(directory, f"{shard:05d}.tar"), demo_samples(shard, per_shard, formats=JPEG_ONLY))
 
@@ -345,7 +345,7 @@ def main(argv=None):
     prec, bs, dev = args.precision, args.batch_size, args.device
     common = ["--precision", prec, "--batch_size", str(bs)]
     mp = [f"--direct_num_workers={args.workers}", "--direct_running_mode=multi_processing"]
-    from pipeline.verify import verify
+    from schemas.verify import verify
 
     def job(name, pat, extra):
         def go():

@@ -43,8 +43,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from models.checkpoint import embedding_dim, fingerprint, load_vision_encoder, read_config
 from schemas.quantization import quantize_int8
-from pipeline import make_demo_shards
 from pipeline import precompute
+from scenes import photos
 from schemas import columns as C
 from schemas import storage
 from schemas.token_store import QUANT_SCHEME, TOKEN_ROW_GROUP_SIZE, token_schema
@@ -421,8 +421,7 @@ def main(argv=None):
         shards_dir = os.path.join(root, "input")
         os.makedirs(shards_dir)
         for s in range(args.shards):
-            make_demo_shards.write_shard(os.path.join(shards_dir, f"{s:05d}.tar"),
-                                         make_demo_shards.demo_samples(s, args.per_shard))
+            photos.write_shard(os.path.join(shards_dir, f"{s:05d}.tar"), photos.demo_samples(s, args.per_shard))
         pattern = os.path.join(shards_dir, "{%05d..%05d}.tar" % (0, args.shards - 1))
         images = args.shards * args.per_shard
 

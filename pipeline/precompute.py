@@ -25,6 +25,7 @@ from schemas import index as idx
 from schemas import manifest as mf
 from schemas import shard_stats, storage
 from schemas.lease import DEFAULT_TTL, LeaseHeld, StoreLease
+from schemas.reader import token_column_bytes_per_element
 from schemas.token_store import QUANT_SCHEME
 from transforms.encode_shard import NAMESPACE as ENCODE_NAMESPACE, EncodeConfig, EncodeShardFn
 from transforms.scan_keys import FindCrossShardDuplicates
@@ -261,24 +262,6 @@ def summarize(manifest, store, seconds, plan):
             "shard_bytes": token_bytes, "bytes_per_image": round(token_bytes / t["rows"], 1) if t["rows"] else None,
             "token_bytes_per_element": token_column_bytes_per_element(store, manifest),
             "wall_seconds": round(seconds, 2)}
-
-
-def token_column_bytes_per_element(store, manifest):
-    """Stored bytes of the tokens + token_scales columns / (rows x num_tokens x token_dim),
-    from the Parquet footers (compressed column-chunk sizes)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    stored = rows = 0
-    for s in manifest["shards"]:
-        with storage.open_read(storage.join(store, s["path"])) as f:
-            meta = pq.ParquetFile(pa.PythonFile(f, mode="r")).metadata
-        rows += meta.num_rows
-        for rg in range(meta.num_row_groups):
-            group = meta.row_group(rg)
-            stored += sum(group.column(c).total_compressed_size for c in range(group.num_columns)
-                          if group.column(c).path_in_schema in (C.TOKENS, C.TOKEN_SCALES))
-    elements = rows * manifest["model"]["num_tokens"] * manifest["model"]["token_dim"]
-    return round(stored / elements, 4) if elements else None
 
 
 def print_summary(summary):

@@ -130,3 +130,19 @@ class TokenStore:
             return [], np.zeros((0, self.num_tokens, self.token_dim), np.float32), \
                 np.zeros((0, self.embedding_dim), np.float32), missing
         return found, np.stack([got[i][0] for i in found]), np.stack([got[i][1] for i in found]), missing
+
+
+def token_column_bytes_per_element(store, manifest):
+    """Stored bytes of the tokens + token_scales columns / (rows x num_tokens x token_dim),
+    from the Parquet footers (compressed column-chunk sizes)."""
+    stored = rows = 0
+    for s in manifest["shards"]:
+        with storage.open_read(storage.join(store, s["path"])) as f:
+            meta = pq.ParquetFile(pa.PythonFile(f, mode="r")).metadata
+        rows += meta.num_rows
+        for rg in range(meta.num_row_groups):
+            group = meta.row_group(rg)
+            stored += sum(group.column(c).total_compressed_size for c in range(group.num_columns)
+                          if group.column(c).path_in_schema in (C.TOKENS, C.TOKEN_SCALES))
+    elements = rows * manifest["model"]["num_tokens"] * manifest["model"]["token_dim"]
+    return round(stored / elements, 4) if elements else None

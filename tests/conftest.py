@@ -10,7 +10,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from pipeline import make_demo_shards, precompute  # noqa: E402
+from pipeline import precompute  # noqa: E402
+from scenes.photos import demo_samples  # noqa: E402
 
 BEAM_LOCAL = ["--runner=DirectRunner", "--progress=off"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +75,7 @@ def write_tar(path, members):
 def demo_members(shard, count, seed=0):
     """(name, bytes) tar members of real-photo demo samples."""
     out = []
-    for sample in make_demo_shards.demo_samples(shard, count, seed):
+    for sample in demo_samples(shard, count, seed):
         key = sample.pop("__key__")
         out.extend((f"{key}.{ext}", data) for ext, data in sample.items())
     return out

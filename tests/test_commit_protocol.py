@@ -193,7 +193,7 @@ def test_a_missing_manifest_json_falls_back_to_the_newest_version_and_verify_say
     (store / C.MANIFEST).unlink()
     got = mf.read(str(store))
     assert got["commit"] == 2 and got["inputs"] == "second"
-    from pipeline.verify import verify
+    from schemas.verify import verify
     report = verify(str(store))
     assert not report["ok"] and any("no manifest.json" in p["problem"] for p in report["problems"])
 

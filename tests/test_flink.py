@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import precompute, rerank, retrieve, verify
+from pipeline import rerank, retrieve
+from schemas.verify import verify
 from tests.conftest import wait_for_engine_setup
 from tests.engines import DIRECT, assert_same_as_direct, retrieve_and_rerank
 from tests.test_crash_resume import snapshot
@@ -133,7 +134,7 @@ def test_precompute_on_flink_with_a_taskmanager_killed_writes_the_direct_runners
                                                                                        demo_store):
     (store, summary, rerun), (ref, ref_summary) = flink_store, demo_store
     assert snapshot(store) == snapshot(ref)  # shard, failure and index bytes; the manifest but its time
-    assert verify.verify(str(store))["ok"]
+    assert verify(str(store))["ok"]
     assert not [p for p in store.rglob("*") if p.name.startswith(".tmp-")]
     if not rerun:
         keep = ("shards", "images", "failures", "duplicates", "shard_bytes", "precision")

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from schemas.quantization import decode_embedding, decode_tokens
-from pipeline.make_demo_shards import load_photo
-from pipeline.verify import verify
+from scenes.photos import load_photo
+from schemas.verify import verify
 from schemas import manifest as mf
 from tests.conftest import run_precompute, write_tar
 from transforms.image_decode import decode_image

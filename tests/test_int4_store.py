@@ -8,7 +8,7 @@ import pytest
 
 from schemas.quantization import INT4, INT8
 from models.reranker import Reranker
-from pipeline import verify as verify_mod
+from schemas import verify as verify_mod
 from schemas.reader import StoreError, TokenStore
 from tests.conftest import run_precompute
 from tests.test_rerank import TEXTS, run_rerank, store_ids

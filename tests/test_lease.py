@@ -104,6 +104,6 @@ def test_a_second_precompute_is_refused_while_the_first_holds_the_store(demo_dir
         lambda: subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300), ROOT)
     assert second.returncode != 0 and "is being written by precompute" in second.stderr, second.stderr[-2000:]
     assert code == 0, err[-3000:]
-    from pipeline.verify import verify
+    from schemas.verify import verify
     report = verify(str(store))
     assert report["ok"] and report["commit"] == 1 and not (store / "lease.json").exists()

@@ -10,7 +10,7 @@ from PIL import Image
 
 from models.checkpoint import load_vision_encoder
 from schemas.quantization import decode_embedding, decode_tokens
-from pipeline.verify import verify
+from schemas.verify import verify
 from schemas import index as idx
 from schemas import manifest as mf
 from tests.conftest import demo_members, run_precompute, write_tar

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import precompute, verify
+from pipeline import precompute
+from schemas.verify import verify
 from tests.conftest import wait_for_engine_setup
 from tests.engines import DIRECT, assert_same_as_direct, retrieve_and_rerank
 from tests.test_crash_resume import snapshot
@@ -41,7 +42,7 @@ def test_every_job_on_prism_gives_the_direct_runners_output(prism_flags, demo_di
     assert "precompute: 100%" in capsys.readouterr().err  # the SDK harness runs in this process: the bar works
     ref, ref_summary = demo_store
     assert snapshot(store) == snapshot(ref)  # shard, failure and index bytes; the manifest but its time
-    assert verify.verify(str(store))["ok"]
+    assert verify(str(store))["ok"]
     keep = ("shards", "images", "failures", "duplicates", "shard_bytes", "precision")
     assert {k: summary[k] for k in keep} == {k: ref_summary[k] for k in keep}
     assert_same_as_direct(retrieve_and_rerank(store, queries[0], prism_flags, tmp_path, "prism"),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from schemas.quantization import decode_embedding, decode_tokens
-from pipeline import verify
+from schemas.verify import verify
 from schemas import index as idx
 
 STORE_DOC = Path(__file__).resolve().parent.parent / "docs" / "store.md"  # the snippets of "Reading the store"
@@ -41,7 +41,7 @@ def run_snippet(name: str, store, **replace) -> dict:
 @pytest.fixture(scope="module")
 def store(demo_store):
     path, summary = demo_store
-    report = verify.verify(str(path))
+    report = verify(str(path))
     assert report["ok"], report["problems"]
     return path
 
