@@ -10,7 +10,10 @@ scene graphs (``.json``) serve as probe labels only; no model reads them.
   comes first alphabetically is the left (upper) one, from all patch tokens, from all adapter
   tokens, and from the pooled embedding (chance 50%);
 - ``adapter_colour_at_cell``: for each adapter token of a cell grid, which colour covers most of
-  that cell (background included), when the adapter's tokens form a grid (num_tokens square).
+  that cell (background included), when the adapter's tokens form a grid (num_tokens square);
+- ``object{k}_{color,shape}_{pooled,adapter_tokens}``: object k's colour / shape from the pooled
+  embedding (the first stage's) and from all adapter tokens; k = 2 is the third object of 3-object
+  scenes (chance 1/8 for colour, 1/6 for shape).
 """
 import argparse
 import json
@@ -93,6 +96,16 @@ def run(argv=None) -> dict:
     out["patch_colour"] = probe(rows, colours, obj_groups)
     out["patch_shape"] = probe(rows, shapes, obj_groups)
     out["patch_shape_3x3"] = probe(rows3, shapes, obj_groups)
+
+    # per object slot (0 and 1: the related pair; 2: the third object of --objects 3): its colour
+    # and shape from the whole image's representations, the pooled embedding being the first stage's
+    flat = tokens.reshape(n, -1)
+    for k in range(max(len(g["objects"]) for g in graphs)):
+        pick = [i for i, g in enumerate(graphs) if len(g["objects"]) > k]
+        for attr in ("color", "shape"):
+            y = np.array([graphs[i]["objects"][k][attr] for i in pick])
+            out[f"object{k}_{attr}_pooled"] = probe(pooled[pick], y, groups[pick])
+            out[f"object{k}_{attr}_adapter_tokens"] = probe(flat[pick], y, groups[pick])
 
     # relation: is the alphabetically first colour's object the left (upper) one
     for axis, pair in (("horizontal", ("left of", "right of")), ("vertical", ("above", "below"))):
