@@ -217,7 +217,7 @@ def test_reduced_edje_run_on_the_shipped_backbone_grounds_object_words(tmp_path)
                "--num_tokens", "16", "--max_text_tokens", "32", "--image_positions", "fixed", "--adapter_cells",
                "--adapter_output_positions", "--adapter_output_norm", "1.0", "--mlm_words", "objects",
                "--mlm_only_steps", "200", "--max_steps_edje", "200", "--max_minutes_edje", "30",
-               "--eval_every", "100", "--warmup", "20"])
+               "--eval_every", "50", "--warmup", "20"])
     history = json.loads((out / "edje" / "history.json").read_text())
     first, last = history[0]["val_grounding"], history[-1]["val_grounding"]
     # colour words ground first: they rise and are read from the caption's own image
