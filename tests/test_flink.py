@@ -2,9 +2,9 @@
 JobManager, two TaskManager JVMs with a Beam worker pool each, Beam's Flink job server. The jobs
 get the cluster's flags and nothing else, and give the DirectRunner's bytes and scores, though
 one TaskManager is killed with its pool mid-precompute and the rerank then loses the other's
-worker pool (the process alone); `down` leaves no process. Needs Java
-and Maven (the jars are fetched into a cache on first use); skipped without them, unless
-EDJE_REQUIRE_FLINK=1 (CI), which makes that a failure."""
+worker pool (the process alone); `down` leaves no process. Needs Java and Maven (the jars are
+fetched into a cache on first use); skipped without them, unless EDJE_REQUIRE_FLINK=1 (CI),
+which makes that a failure."""
 import json
 import os
 import shutil
