@@ -45,7 +45,7 @@ from training import distributed
 from training.build import CLASS_RULES
 from training.clip_stage import clip_backbone_config, train_clip
 from training.edje_stage import train_edje
-from training.evaluation import test_rerank_gain
+from training.evaluation import test_split_gains
 
 log = logging.getLogger("train")
 
@@ -178,7 +178,7 @@ def parse_args(argv):
                          "stored in the checkpoint; rerank then ranks by the same sum)")
     ap.add_argument("--random_only_steps", type=int, default=300, help="curriculum: random negatives first")
     ap.add_argument("--description", default="EDJE demo checkpoint trained on the compositional scenes benchmark")
-    ap.add_argument("--test_data", default=None, help="scene shards of a test split: report the rerank gain at the end")
+    ap.add_argument("--test_data", default=None, help="scene shards of a test split, or of several (one directory each): report each split's rerank gain at the end")
     fs_flags = add_filesystem_flags(ap)
     args = ap.parse_args(argv)
     apply_filesystem_flags(args, fs_flags)
@@ -288,7 +288,7 @@ def _run_scenes(args, world):
     backbone = _backbone(args, Path(args.backbone) if args.backbone else clip_dir / "backbone")
     final = train_edje(args, backbone, world, scenes=(data, train_idx, val_idx))
     if args.test_data and world.main:
-        metrics = test_rerank_gain(final, args.test_data, args.device)
+        metrics = test_split_gains(final, args.test_data, args.device)
         (Path(args.output) / "test_metrics.json").write_text(json.dumps(metrics, indent=1))
         log.info("test split: %s", metrics)
     return final

@@ -58,6 +58,39 @@ def test_short_training_run_lowers_the_loss_and_writes_a_usable_checkpoint(scene
     assert (out / "edje" / "done.json").read_text() == before
 
 
+def pixels(image):
+    return torch.as_tensor(np.asarray(image.convert("RGB")))
+
+
+def test_a_mix_of_two_and_three_object_splits_trains_with_each_splits_groups_keys_and_answers(tmp_path):
+    """Two splits drawn with the same seed (their keys and group numbers collide), 2 and 3 objects:
+    loaded together, every scene keeps its own group, key and relevant set; a run trains on the mix
+    and reports each test split on its own."""
+    from training.scenes import load_scenes
+    for objects in ("2", "3"):
+        for split, n in (("train", "48"), ("test", "16")):
+            make_scenes.main(["--split", split, "--n", n, "--seed", "3", "--objects", objects,
+                              "--output", str(tmp_path / f"{split}{objects}")])
+    two, three = (load_scenes(str(tmp_path / d / "*.tar"), pixels) for d in ("train2", "train3"))
+    mix = load_scenes(f"{tmp_path}/train2/*.tar,{tmp_path}/train3/*.tar", pixels)
+    n = len(two["keys"])
+    assert two["keys"] == three["keys"] and len(set(mix["keys"])) == len(mix["keys"]) == 2 * n
+    assert mix["keys"][:n] == [f"{tmp_path}/train2/{k}" for k in two["keys"]]
+    assert mix["captions"] == two["captions"] + three["captions"] and torch.equal(
+        mix["images"], torch.cat([two["images"], three["images"]]))
+    assert mix["captions"][n].count(", and ") == 1  # the 3-object captions name the third object
+    assert (mix["groups"][:n] == two["groups"]).all() and set(mix["groups"][n:]).isdisjoint(mix["groups"][:n])
+    assert len(set(mix["groups"][n:])) == len(set(three["groups"]))
+    assert mix["relevant"] == two["relevant"] + [[n + j for j in r] for r in three["relevant"]]
+    out = tmp_path / "run"
+    train.run(["--stage", "all", "--data", f"{tmp_path}/train2/*.tar,{tmp_path}/train3/*.tar",
+               "--test_data", f"{tmp_path}/test2/*.tar,{tmp_path}/test3/*.tar", "--output", str(out),
+               *ARGS, "--max_steps", "4", "--eval_every", "4"])
+    metrics = json.loads((out / "test_metrics.json").read_text())["by_split"]
+    assert sorted(metrics) == [f"{tmp_path}/test2", f"{tmp_path}/test3"]
+    assert all(m["queries"] == 16 and 0 <= m["reranked_R@1"] <= 100 for m in metrics.values()), metrics
+
+
 def test_the_schedule_decays_over_weighted_work_and_the_time_cap_only_takes_over_when_ahead():
     assert cosine_schedule(0, 100, 10) == pytest.approx(0.1)
     assert cosine_schedule(55, 100, 10) == pytest.approx(0.5)

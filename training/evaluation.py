@@ -233,3 +233,16 @@ def test_rerank_gain(checkpoint, pattern: str, device: str, top_k: int = 20, lim
         out.update({"fusion_weight": w, "fused_R@1": fused["t2i"]["reranked"]["R@1"],
                     "fused_R@5": fused["t2i"]["reranked"]["R@5"], "i2t": fused["i2t"]})
     return out
+
+
+def test_split_gains(checkpoint, pattern: str, device: str) -> dict:
+    """``test_rerank_gain`` on a test split; on several splits' directories (2- and 3-object scenes,
+    say), each split on its own under ``by_split``: its queries search its own images."""
+    import posixpath
+    from training.scenes import training_shards
+    paths = training_shards(pattern)
+    directories = sorted({posixpath.dirname(p) for p in paths})
+    if len(directories) == 1:
+        return test_rerank_gain(checkpoint, pattern, device)
+    return {"by_split": {d: test_rerank_gain(checkpoint, ",".join(p for p in paths if posixpath.dirname(p) == d),
+                                             device) for d in directories}}

@@ -24,40 +24,62 @@ def training_shards(pattern: str):
 
 
 def load_scenes(pattern: str, transform, limit: int = 0):
-    """Scene shards -> dict(keys, captions, groups, images (N, 3, H, W) float32, relevant)."""
-    keys, captions, groups, images, variants = [], [], [], [], []
+    """Scene shards -> dict(keys, captions, groups, images (N, 3, H, W) float32, relevant).
+
+    A pattern may name several splits' directories (a mix of 2- and 3-object scenes, say): each
+    directory's groups, keys and queries.jsonl stay its own. With more than one directory, group ids
+    of later directories are shifted past the earlier ones' and keys are prefixed ``DIR/``, so that
+    no two scenes share a group (batches, validation) or a key (relevant sets)."""
     paths = training_shards(pattern)
-    for path in paths:
-        with storage.open_read(path) as f:
-            for s in iter_samples(f):
-                ext = s.image_extension()
-                if ext is None or "txt" not in s.members:
-                    continue
-                meta = json.loads(s.members["json"]) if "json" in s.members else {}
-                variants.append(int(meta.get("variant", -1)))
-                keys.append(s.key)
-                captions.append(s.members["txt"].decode("utf-8").strip())
-                groups.append(int(meta.get("group", len(groups))))
-                images.append(transform(decode_image(s.members[ext])))
-                if limit and len(keys) >= limit:
-                    break
+    directories = sorted({posixpath.dirname(p) for p in paths})
+    keys, captions, groups, images, variants, relevant = [], [], [], [], [], []
+    offset = 0
+    for directory in directories:
+        start = len(keys)
+        local_keys, local_groups = [], []
+        for path in (p for p in paths if posixpath.dirname(p) == directory):
+            with storage.open_read(path) as f:
+                for s in iter_samples(f):
+                    ext = s.image_extension()
+                    if ext is None or "txt" not in s.members:
+                        continue
+                    meta = json.loads(s.members["json"]) if "json" in s.members else {}
+                    variants.append(int(meta.get("variant", -1)))
+                    local_keys.append(s.key)
+                    captions.append(s.members["txt"].decode("utf-8").strip())
+                    local_groups.append(int(meta.get("group", len(local_groups))))
+                    images.append(transform(decode_image(s.members[ext])))
+                    if limit and start + len(local_keys) >= limit:
+                        break
+            if limit and start + len(local_keys) >= limit:
+                break
+        keys += [f"{directory}/{k}" for k in local_keys] if len(directories) > 1 else local_keys
+        groups += [g + offset for g in local_groups]
+        offset += max(local_groups, default=-1) + 1
+        relevant += _relevant_sets(directory, local_keys, start)
         if limit and len(keys) >= limit:
             break
     if not keys:
         raise SystemExit(f"error: no training samples in {pattern}")
-    # Relevant sets from the split's queries.jsonl (a scene drawn twice answers both captions).
-    position = {k: i for i, k in enumerate(keys)}
-    relevant = [[i] for i in range(len(keys))]
-    queries = storage.join(posixpath.dirname(paths[0]), "queries.jsonl")
+    return {"keys": keys, "captions": captions, "groups": np.array(groups), "images": torch.stack(images),
+            "relevant": relevant, "caption_ids": torch.as_tensor(np.unique(captions, return_inverse=True)[1]),
+            "variants": np.array(variants)}
+
+
+def _relevant_sets(directory: str, keys, start: int):
+    """Each sample's relevant sample indices (offset by ``start``) from the directory's queries.jsonl
+    (a scene drawn twice answers both captions); without one, each sample answers its own caption."""
+    position = {k: start + i for i, k in enumerate(keys)}
+    relevant = [[start + i] for i in range(len(keys))]
+    queries = storage.join(directory, "queries.jsonl")
     if storage.exists(queries):
         with storage.open_read(queries) as f:
             for line in io.TextIOWrapper(f, encoding="utf-8"):
                 q = json.loads(line)
                 if q["query_id"] in position:
-                    relevant[position[q["query_id"]]] = [position[r] for r in q.get("relevant", []) if r in position]
-    return {"keys": keys, "captions": captions, "groups": np.array(groups), "images": torch.stack(images),
-            "relevant": relevant, "caption_ids": torch.as_tensor(np.unique(captions, return_inverse=True)[1]),
-            "variants": np.array(variants)}
+                    relevant[position[q["query_id"]] - start] = [position[r] for r in q.get("relevant", [])
+                                                                 if r in position]
+    return relevant
 
 
 def split_validation(groups: np.ndarray, fraction: float):
