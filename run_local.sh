@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up .venv (offline-capable: every package comes from the configured registries) and then
 #   ./run_local.sh          the demo on the embedded default: a test split of the scenes benchmark
-#                           -> precompute -> retrieve top 20 -> rerank -> evaluate (table + report)
+#                           -> precompute -> retrieve top 20 -> rerank -> evaluate (table + report),
+#                           then the same on a 3-object split (.demo/three_objects)
 #   ./run_local.sh test     runs the test suite (extra args go to pytest)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -30,29 +31,35 @@ case "$mode" in
   demo)
     DEMO=${EDJE_DEMO_DIR:-.demo}
     PYBIN="$VENV/bin/python"
-    SCENES="$DEMO/scenes"
-    if [ ! -f "$SCENES/queries.jsonl" ]; then
-      echo "== make_scenes: a test split of the compositional scenes benchmark ($SCENES)"
-      "$PYBIN" -m pipeline.make_scenes --split test --n 200 --seed 1 --per_shard 50 --output "$SCENES"
-    fi
-    last=$(( $(ls "$SCENES"/*.tar | wc -l) - 1 ))  # make_scenes rounds --per_shard to whole groups
-    SHARDS="$SCENES/{00000..$(printf %05d "$last")}.tar"
-    rm -rf "$DEMO/store" "$DEMO/report"  # a fresh store each time (an older one may hold another checkpoint's tokens)
-    echo "== precompute: shards -> token store ($DEMO/store)"
-    "$PYBIN" -m pipeline.precompute --runner=DirectRunner --input "$SHARDS" --output "$DEMO/store"
-    "$PYBIN" -m pipeline.verify --store "$DEMO/store" --no_hash > "$DEMO/verify.json" \
-      && echo "   verify: ok ($DEMO/verify.json)"
-    echo "== retrieve: top-20 candidates per caption from the stored embeddings"
-    "$PYBIN" -m pipeline.retrieve --runner=DirectRunner --queries "$SCENES/queries.jsonl" \
-      --store "$DEMO/store" --top_k 20 --output "$DEMO/candidates.jsonl"
-    echo "== rerank: joint encoder over caption + stored tokens"
-    "$PYBIN" -m pipeline.rerank --runner=DirectRunner --queries "$DEMO/candidates.jsonl" \
-      --store "$DEMO/store" --output "$DEMO/scores.parquet"
-    echo "== evaluate: recall@k, first stage vs reranked ($DEMO/report)"
-    "$PYBIN" -m pipeline.evaluate --queries "$DEMO/candidates.jsonl" --scores "$DEMO/scores.parquet" \
-      --output "$DEMO/report" --images "$SHARDS" --strips 4
-    echo "Done: first stage (the stored embeddings' cosine) against reranked (the joint encoder over the"
-    echo "stored tokens, fused with that cosine) on $(wc -l < "$SCENES/queries.jsonl") held-out captions; report in $DEMO/report."
+    # chain DIR MAKE_SCENES_ARGS...: scenes -> precompute -> verify -> retrieve top 20 -> rerank -> evaluate
+    chain() {
+      local D="$1"; shift
+      local SCENES="$D/scenes"
+      if [ ! -f "$SCENES/queries.jsonl" ]; then
+        echo "== make_scenes $*: a test split of the compositional scenes benchmark ($SCENES)"
+        "$PYBIN" -m pipeline.make_scenes --split test "$@" --per_shard 50 --output "$SCENES"
+      fi
+      local last=$(( $(ls "$SCENES"/*.tar | wc -l) - 1 ))  # make_scenes rounds --per_shard to whole groups
+      local SHARDS="$SCENES/{00000..$(printf %05d "$last")}.tar"
+      rm -rf "$D/store" "$D/report"  # a fresh store each time (an older one may hold another checkpoint's tokens)
+      echo "== precompute: shards -> token store ($D/store)"
+      "$PYBIN" -m pipeline.precompute --runner=DirectRunner --input "$SHARDS" --output "$D/store"
+      "$PYBIN" -m pipeline.verify --store "$D/store" --no_hash > "$D/verify.json" \
+        && echo "   verify: ok ($D/verify.json)"
+      echo "== retrieve: top-20 candidates per caption from the stored embeddings"
+      "$PYBIN" -m pipeline.retrieve --runner=DirectRunner --queries "$SCENES/queries.jsonl" \
+        --store "$D/store" --top_k 20 --output "$D/candidates.jsonl"
+      echo "== rerank: joint encoder over caption + stored tokens"
+      "$PYBIN" -m pipeline.rerank --runner=DirectRunner --queries "$D/candidates.jsonl" \
+        --store "$D/store" --output "$D/scores.parquet"
+      echo "== evaluate: recall@k, first stage vs reranked ($D/report)"
+      "$PYBIN" -m pipeline.evaluate --queries "$D/candidates.jsonl" --scores "$D/scores.parquet" \
+        --output "$D/report" --images "$SHARDS" --strips 4
+      echo "Done: first stage (the stored embeddings' cosine) against reranked (the joint encoder over the"
+      echo "stored tokens, fused with that cosine) on $(wc -l < "$SCENES/queries.jsonl") held-out captions; report in $D/report."
+    }
+    chain "$DEMO" --n 200 --seed 1
+    chain "$DEMO/three_objects" --n 100 --seed 1 --objects 3  # busier scenes, out of the checkpoint's training distribution
     ;;
   *)
     echo "usage: ./run_local.sh [test [pytest args...]]" >&2
