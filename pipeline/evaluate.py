@@ -110,8 +110,12 @@ def run(argv=None) -> dict:
     if args.strips < 0:
         ap.error("--strips must be >= 0")
     if args.images:
-        from transforms.shard_files import plan_shards
-        if not plan_shards(args.images).shards:
+        from transforms.shard_files import PatternError, plan_shards
+        try:
+            shards = plan_shards(args.images).shards
+        except PatternError as e:
+            raise EvaluateError(f"--images: {e}") from None
+        if not shards:
             raise EvaluateError(f"no WebDataset shard matches --images {args.images!r}")
     queries, invalid, duplicates = load_queries(args.queries)
     scores = load_scores(args.scores, queries)

@@ -29,7 +29,7 @@ from schemas.reader import token_column_bytes_per_element
 from schemas.token_store import QUANT_SCHEME
 from transforms.encode_shard import NAMESPACE as ENCODE_NAMESPACE, EncodeConfig, EncodeShardFn
 from transforms.scan_keys import FindCrossShardDuplicates
-from transforms.shard_files import plan_shards
+from transforms.shard_files import PatternError, plan_shards
 from transforms.tar_samples import DEFAULT_MAX_MEMBER_BYTES
 from transforms.image_decode import DEFAULT_MAX_PIXELS
 from transforms.tensor_decode import DECODERS
@@ -186,7 +186,10 @@ def run(argv=None, test_pipeline=None):
 
     cfg = read_config(opts.checkpoint)
     fp = fingerprint(opts.checkpoint)
-    plan = plan_shards(opts.input)
+    try:
+        plan = plan_shards(opts.input)
+    except PatternError as e:
+        raise SystemExit(f"error: --input: {e}") from None
     if not plan.shards:
         raise SystemExit(f"error: no input shards match {opts.input!r}"
                          + (f" ({len(plan.missing)} listed paths do not exist)" if plan.missing else ""))

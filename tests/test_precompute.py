@@ -216,6 +216,8 @@ def test_same_bytes_whatever_the_batch_boundaries_of_bundles(demo_dir, demo_stor
 def test_no_input_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no input shards"):
         run_precompute(f"{tmp_path}/nothing-*.tar", tmp_path / "s")
+    with pytest.raises(SystemExit, match=r"--input: unbalanced braces in '.*/\{0000\.\.0003\.tar'"):
+        run_precompute(f"{tmp_path}/{{0000..0003.tar", tmp_path / "s")
 
 
 def test_failure_budget_commits_nothing_for_a_mostly_bad_shard(tmp_path):

@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from tests.conftest import write_tar
-from transforms.shard_files import assign_names, expand_patterns, plan_shards, shard_name
+from transforms.shard_files import PatternError, assign_names, expand_patterns, plan_shards, shard_name
 from transforms.tar_samples import ShardReadError, iter_samples
 
 
@@ -74,6 +74,11 @@ def test_plan_shards_braces_globs_missing_and_side_files(tmp_path):
     plan = plan_shards(f"{tmp_path}/*")
     assert [s.name for s in plan.shards] == ["00000", "00001", "00002"] and len(plan.ignored) == 6
     assert expand_patterns("a/{0..1}.tar,b.tar") == ["a/0.tar", "a/1.tar", "b.tar"]
+    # a comma inside braces is the braces' list, not a second pattern
+    assert expand_patterns("d/{a,b}.tar, c/{0..1}.tar") == ["d/a.tar", "d/b.tar", "c/0.tar", "c/1.tar"]
+    assert [s.name for s in plan_shards(f"{tmp_path}/{{00000,00002}}.tar").shards] == ["00000", "00002"]
+    with pytest.raises(PatternError, match="unbalanced braces in 'd/{a,b.tar'"):
+        expand_patterns("d/{a,b.tar")
 
 
 def test_output_names_are_stable_and_collision_free():

@@ -10,14 +10,17 @@ import torch.nn.functional as F
 
 from schemas import storage
 from transforms.image_decode import decode_image
-from transforms.shard_files import plan_shards
+from transforms.shard_files import PatternError, plan_shards
 from transforms.tar_samples import iter_samples
 
 
 def training_shards(pattern: str):
     """The shards a --data pattern names (braces, globs, commas; local or object-store), sorted; a
     named shard that does not exist is an error."""
-    plan = plan_shards(pattern)
+    try:
+        plan = plan_shards(pattern)
+    except PatternError as e:
+        raise SystemExit(f"error: {e}") from None
     if plan.missing:
         raise SystemExit(f"error: {len(plan.missing)} shard(s) of {pattern} do not exist, e.g. {plan.missing[0]}")
     return sorted({spec.source for spec in plan.shards})

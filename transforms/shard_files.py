@@ -33,15 +33,33 @@ class ShardPlan(NamedTuple):
     ignored: List[str]  # side files matched by a glob
 
 
+class PatternError(ValueError):
+    """An input pattern that cannot be expanded (unbalanced braces)."""
+
+
+def _top_level_parts(pattern: str) -> List[str]:
+    """Splits on the commas outside braces: ``a/{x,y}.tar,b.tar`` -> ``a/{x,y}.tar``, ``b.tar``."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(pattern):
+        depth += (c == "{") - (c == "}")
+        if c == "," and depth == 0:
+            parts.append(pattern[start:i])
+            start = i + 1
+    parts.append(pattern[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
 def expand_patterns(patterns) -> List[str]:
     if isinstance(patterns, str):
         patterns = [patterns]
     out = []
     for pattern in patterns:
-        for part in pattern.split(","):
-            part = part.strip()
-            if part:
+        for part in _top_level_parts(pattern):
+            try:
                 out.extend(braceexpand.braceexpand(part))
+            except braceexpand.UnbalancedBracesError:
+                raise PatternError(f"unbalanced braces in {part!r}: write lists as {{a,b}} and ranges as "
+                                   f"{{00000..00099}}") from None
     return out
 
 
