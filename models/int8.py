@@ -1,6 +1,6 @@
 """int8 CPU inference (``--precision int8``) through ONNX Runtime: the optional extra ``edje[int8]``.
 
-Chosen by measurement (BENCHMARKS.md, "Issue 15"): on this project's AVX2 CPUs ONNX Runtime's
+Chosen by measurement (docs/experiments.md, run set R11): on this project's AVX2 CPUs ONNX Runtime's
 dynamic int8 kernels beat PyTorch's (``torch.ao`` ``quantize_dynamic``, deprecated, and torchao's
 int8 config, which has no fast eager CPU kernel) in speed and fidelity alike.
 

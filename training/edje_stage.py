@@ -17,7 +17,7 @@ from models.mlm import Mlm
 from training import build
 from training.batches import MemoryBatches
 from training.distributed import World
-from training.evaluation import GROUNDING_ROWS, eval_edje, eval_grounding, warn_if_ungrounded
+from training.evaluation import eval_edje, eval_grounding, grounding_rows, warn_if_ungrounded
 from training.loop import Trainer, fit, load_best
 from training.objectives import EdjeObjective, Fusion, autocast
 from training.scenes import group_batches, neighbour_batches
@@ -98,10 +98,10 @@ def train_edje(args, backbone, world: World, scenes=None, stream=None, held_out=
                                data["caption_ids"].to(args.device), data["groups"], world)
         if parts.mlm is not None:
             grounding = tuple(t.to(args.device) for t in build.scene_word_classes(
-                parts.tokenizer, [captions[i] for i in val_idx[:GROUNDING_ROWS]]))
+                parts.tokenizer, [captions[i] for i in grounding_rows(val_idx)]))
     # An MLM-only step costs ~0.45 of an ITM step on a CPU; counting it so (--mlm_step_cost) starts
-    # a step-budget ITM phase at the rate a time-boxed schedule gave it (BENCHMARKS.md, "Issue 12,
-    # run set R8": whether ITM takes off was decided by the backbone's MLM grounding, not this rate).
+    # a step-budget ITM phase at the rate a time-boxed schedule gave it (docs/experiments.md,
+    # run set R8: whether ITM takes off was decided by the backbone's MLM grounding, not this rate).
     m, cost = args.mlm_only_steps, args.mlm_step_cost
     trainer = Trainer(args, out, parts.params, args.lr_joint, args.max_steps_edje or args.max_steps,
                       work=lambda s: cost * min(s, m) + max(0, s - m), world=world)
@@ -207,7 +207,7 @@ def _scenes_eval(args, parts, memory, source, val_idx, data, grounding, trainer)
         warm = trainer.step <= args.mlm_only_steps  # (the head is untrained during the MLM warm-up)
         if rec["val_score_spread"] < 1e-3 and not warm:
             log.warning("step %d: scores barely differ between pairs (spread %.1e): the scorer has not "
-                        "started or has collapsed to a constant (BENCHMARKS.md, 'on the CPU')",
+                        "started or has collapsed to a constant (docs/experiments.md, run sets R3 and R4)",
                         trainer.step, rec["val_score_spread"])
         return rec["val_group_acc_fused" if fusion is not None else "val_group_acc"], rec
     return evaluate

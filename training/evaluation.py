@@ -14,8 +14,15 @@ log = logging.getLogger("train")
 
 GROUNDING_ROWS = 512  # validation captions in each grounding evaluation
 # Object words' own-image MLM accuracy when ITM started: 77-89% in every CPU run whose ITM took off,
-# 63-65% in those that stayed at chance (BENCHMARKS.md, "Issue 12, run sets R8 and R9").
+# 63-65% in those that stayed at chance (docs/experiments.md, run sets R8 and R9).
 GROUNDED_OBJECTS = 75.0
+
+
+def grounding_rows(val_idx: np.ndarray) -> np.ndarray:
+    """Up to GROUNDING_ROWS validation rows, evenly spaced: with several splits (sorted by directory)
+    each is represented in proportion, not only the first one."""
+    n = min(GROUNDING_ROWS, len(val_idx))
+    return val_idx[np.linspace(0, len(val_idx) - 1, n).round().astype(int)] if n else val_idx[:0]
 
 
 @torch.no_grad()
@@ -43,7 +50,7 @@ def warn_if_ungrounded(report: dict, step: int) -> bool:
     if own is None or own >= GROUNDED_OBJECTS:
         return False
     log.warning("step %d, end of the MLM-only steps: object words are filled in at %.1f%% from the caption's own "
-                "image; ITM has taken off only from ~%.0f%% in measured runs (BENCHMARKS.md, 'Issue 12, run sets R8 and R9'): "
+                "image; ITM has taken off only from ~%.0f%% in measured runs (docs/experiments.md, run sets R8 and R9): "
                 "more --mlm_only_steps may be needed", step, own, GROUNDED_OBJECTS)
     return True
 
@@ -54,7 +61,7 @@ def eval_grounding(mlm, adapter, joint, patch, val_idx, grounding):
     scene's image (the next group's), no image."""
     adapter.eval(), joint.eval()
     g_ids, g_mask, g_cls = grounding
-    rows = torch.as_tensor(val_idx[:len(g_ids)], device=patch.device)
+    rows = torch.as_tensor(grounding_rows(val_idx), device=patch.device)
     tokens = adapter(patch[rows])
     return grounding_report(mlm, joint, g_ids, g_mask, g_cls, tokens, tokens.roll(4, 0), WORD_CLASSES,
                             unions={"objects": OBJECT_CLASSES})
