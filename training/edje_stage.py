@@ -97,8 +97,9 @@ def train_edje(args, backbone, world: World, scenes=None, stream=None, held_out=
         source = MemoryBatches(memory["patch"], memory["img_emb"], memory["txt_emb"], ids, mask, words,
                                data["caption_ids"].to(args.device), data["groups"], world)
         if parts.mlm is not None:
-            grounding = tuple(t.to(args.device) for t in build.scene_word_classes(
-                parts.tokenizer, [captions[i] for i in grounding_rows(val_idx)]))
+            rows = grounding_rows(val_idx)
+            grounding = tuple(t.to(args.device) for t in (
+                *build.scene_word_classes(parts.tokenizer, [captions[i] for i in rows]), torch.as_tensor(rows)))
     # An MLM-only step costs ~0.45 of an ITM step on a CPU; counting it so (--mlm_step_cost) starts
     # a step-budget ITM phase at the rate a time-boxed schedule gave it (docs/experiments.md,
     # run set R8: whether ITM takes off was decided by the backbone's MLM grounding, not this rate).
@@ -200,8 +201,7 @@ def _scenes_eval(args, parts, memory, source, val_idx, data, grounding, trainer)
         if fusion is not None:
             rec["fusion_weight"] = round(fusion.weight.item(), 4)
         if grounding is not None:
-            rec["val_grounding"] = eval_grounding(parts.mlm, parts.adapter, parts.joint, memory["patch"], val_idx,
-                                                  grounding)
+            rec["val_grounding"] = eval_grounding(parts.mlm, parts.adapter, parts.joint, memory["patch"], grounding)
             if args.mlm_only_steps and trainer.step == args.mlm_only_steps:
                 warn_if_ungrounded(rec["val_grounding"], trainer.step)
         warm = trainer.step <= args.mlm_only_steps  # (the head is untrained during the MLM warm-up)

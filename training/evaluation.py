@@ -56,12 +56,11 @@ def warn_if_ungrounded(report: dict, step: int) -> bool:
 
 
 @torch.no_grad()
-def eval_grounding(mlm, adapter, joint, patch, val_idx, grounding):
-    """Masked-word accuracy per word class on the first validation captions: own image, another
-    scene's image (the next group's), no image."""
+def eval_grounding(mlm, adapter, joint, patch, grounding):
+    """Masked-word accuracy per word class on the validation captions of ``grounding`` (ids, mask,
+    word classes, their rows from ``grounding_rows``): own image, another group's image, no image."""
     adapter.eval(), joint.eval()
-    g_ids, g_mask, g_cls = grounding
-    rows = torch.as_tensor(grounding_rows(val_idx), device=patch.device)
+    g_ids, g_mask, g_cls, rows = grounding
     tokens = adapter(patch[rows])
     return grounding_report(mlm, joint, g_ids, g_mask, g_cls, tokens, tokens.roll(4, 0), WORD_CLASSES,
                             unions={"objects": OBJECT_CLASSES})
