@@ -59,7 +59,7 @@ case "$mode" in
       echo "stored tokens, fused with that cosine) on $(wc -l < "$SCENES/queries.jsonl") held-out captions; report in $D/report."
     }
     chain "$DEMO" --n 200 --seed 1
-    chain "$DEMO/three_objects" --n 100 --seed 1 --objects 3  # busier scenes, out of the checkpoint's training distribution
+    chain "$DEMO/three_objects" --n 100 --seed 1 --objects 3  # busier scenes (a third of the checkpoint's training scenes)
     ;;
   *)
     echo "usage: ./run_local.sh [test [pytest args...]]" >&2
